@@ -1,0 +1,52 @@
+//! `qclient eval`: streams a labelled JSONL file to the Evaluate RPC and prints the metric
+//! table (overall, then per kind) and the latency percentiles.
+
+use std::process::ExitCode;
+
+use qreformulate::pb;
+
+use super::print;
+use crate::cli::EvalArgs;
+use crate::connect::Target;
+use crate::dataset;
+use crate::error::ClientError;
+use crate::report::{render_eval, EvalReport};
+
+pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientError> {
+    // Parse the whole file first: a bad line is reported before anything is sent.
+    let examples = dataset::load_labelled(&args.file)?;
+    if examples.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "{}: no examples (the file has only blank lines)",
+            args.file.display()
+        )));
+    }
+    let options = args.generation.to_proto();
+    let messages: Vec<pb::EvaluateRequest> = examples
+        .into_iter()
+        .enumerate()
+        .map(|(i, example)| pb::EvaluateRequest {
+            query: example.query,
+            expected_subqueries: example.subqueries,
+            kind: example.kind,
+            // The first message's options apply to the rest.
+            options: (i == 0).then_some(options),
+        })
+        .collect();
+
+    let mut client = target.reformulator().await?;
+    let response = client
+        .evaluate(target.request(tokio_stream::iter(messages)))
+        .await
+        .map_err(|status| ClientError::rpc("Evaluate", status))?
+        .into_inner();
+    let report = EvalReport::from_proto(&response);
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .expect("an eval report always serialises; this is a bug");
+        print(&format!("{text}\n"))?;
+    } else {
+        print(&render_eval(&report, args.mismatches))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
