@@ -1,0 +1,1 @@
+"""qreformulate model pipeline: tokenizer, training, ONNX export, int8 quantization, evaluation."""

@@ -1,0 +1,248 @@
+"""Train a T5 reformulator: from scratch (default) or fine-tuning a local checkpoint (--init).
+
+    python -m qr_train.train --out train/runs/qr-t5 [--init path/to/flan-t5-small]
+
+Writes OUT/checkpoint/ (Hugging Face format + tokenizer.json, the best epoch by validation
+ROUGE-L) and OUT/curve.json (per-epoch train/validation loss, validation ROUGE-L, and the
+unseen-entity copy rate). Runs on CPU; uses a GPU when torch sees one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import T5Config, T5ForConditionalGeneration
+
+from . import subqueries as sq
+from .corpus import DEFAULT_CORPUS, Example, load_splits
+from .entities import NameFactory, augment, collect_names
+from .metrics import MetricTable
+from .tokenizer import EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
+from .unseen import unseen_entity_set, copy_rate
+
+MAX_SOURCE_TOKENS = 96
+MAX_TARGET_TOKENS = 96
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="corpus.jsonl of the shared corpus")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, curve.json)")
+    p.add_argument("--init", help="local Hugging Face T5 checkpoint to fine-tune instead of training from scratch")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-kv", type=int, default=32)
+    p.add_argument("--num-heads", type=int, default=8)
+    p.add_argument("--d-ff", type=int, default=768)
+    p.add_argument("--encoder-layers", type=int, default=4)
+    p.add_argument("--decoder-layers", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this budget (0: none)")
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--aug-rate", type=float, default=0.6, help="share of training rows whose entities get swapped each epoch")
+    p.add_argument("--val-sample", type=int, default=300, help="validation rows generated each epoch for ROUGE-L")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--limit-train", type=int, default=0, help="use only N training rows (tests)")
+    p.add_argument("--limit-val", type=int, default=0, help="use only N validation rows (tests)")
+    return p.parse_args(argv)
+
+
+def build_model(args, tok: Tokenizer) -> T5ForConditionalGeneration:
+    if args.init:
+        return T5ForConditionalGeneration.from_pretrained(args.init)
+    config = T5Config(
+        vocab_size=tok.get_vocab_size(),
+        d_model=args.d_model,
+        d_kv=args.d_kv,
+        d_ff=args.d_ff,
+        num_layers=args.encoder_layers,
+        num_decoder_layers=args.decoder_layers,
+        num_heads=args.num_heads,
+        dropout_rate=args.dropout,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+    model = T5ForConditionalGeneration(config)
+    # Transformers initialises an untied lm_head with std 1.0 (the mesh-tf convention, paired
+    # with Adafactor); with AdamW from scratch that starts the loss near 50. Scale it like the
+    # tied case does (d_model ** -0.5).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(config.d_model ** -0.5)
+    return model
+
+
+def load_or_train_tokenizer(args, train: list[Example]) -> Tokenizer:
+    if args.init:
+        path = Path(args.init) / "tokenizer.json"
+        if not path.exists():
+            raise SystemExit(f"--init {args.init}: no tokenizer.json there (save the tokenizer with the checkpoint)")
+        return Tokenizer.from_file(str(path))
+    texts = [ex.query for ex in train] + [ex.target for ex in train]
+    return train_tokenizer(texts, args.vocab_size)
+
+
+def encode(tok: Tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    src = tok.encode_batch([ex.query for ex in examples])
+    tgt = tok.encode_batch([ex.target for ex in examples])
+    return [(s.ids[:MAX_SOURCE_TOKENS - 1] + [EOS_ID] if len(s.ids) > MAX_SOURCE_TOKENS else s.ids,
+             t.ids[:MAX_TARGET_TOKENS - 1] + [EOS_ID] if len(t.ids) > MAX_TARGET_TOKENS else t.ids)
+            for s, t in zip(src, tgt)]
+
+
+def batches(pairs, batch_size: int, rng: random.Random, shuffle: bool):
+    """Length-bucketed batches: sort within chunks of 50 batches, so padding stays small."""
+    order = list(range(len(pairs)))
+    if shuffle:
+        rng.shuffle(order)
+    chunk = batch_size * 50
+    groups = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda k: len(pairs[k][0]))
+        groups += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(groups)
+    for idx in groups:
+        src_len = max(len(pairs[k][0]) for k in idx)
+        tgt_len = max(len(pairs[k][1]) for k in idx)
+        src = np.full((len(idx), src_len), PAD_ID, dtype=np.int64)
+        tgt = np.full((len(idx), tgt_len), -100, dtype=np.int64)
+        for row, k in enumerate(idx):
+            s, t = pairs[k]
+            src[row, :len(s)] = s
+            tgt[row, :len(t)] = t
+        src_t = torch.from_numpy(src)
+        yield src_t, (src_t != PAD_ID).long(), torch.from_numpy(tgt)
+
+
+@torch.no_grad()
+def generate(model, tok: Tokenizer, queries: list[str], device, batch_size: int = 64, max_new_tokens: int = 64) -> list[str]:
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(queries), batch_size):
+        enc = tok.encode_batch(queries[i:i + batch_size])
+        length = max(len(e.ids) for e in enc)
+        ids = torch.full((len(enc), length), PAD_ID, dtype=torch.long)
+        for row, e in enumerate(enc):
+            ids[row, :len(e.ids)] = torch.tensor(e.ids)
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=(ids != PAD_ID).long().to(device),
+            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
+        )
+        out += tok.decode_batch(gen.cpu().tolist(), skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, batch_size, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for src, mask, tgt in batches(pairs, batch_size, random.Random(0), shuffle=False):
+        loss = model(input_ids=src.to(device), attention_mask=mask.to(device), labels=tgt.to(device)).loss
+        n = int((tgt != -100).sum())
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    splits = load_splits(args.corpus)
+    train, val = splits["train"], splits["validation"]
+    if args.limit_train:
+        train = train[: args.limit_train]
+    if args.limit_val:
+        val = val[: args.limit_val]
+    tok = load_or_train_tokenizer(args, train)
+    model = build_model(args, tok).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}, device {device}", flush=True)
+
+    names = NameFactory(args.seed, collect_names(train))
+    val_pairs = encode(tok, val)
+    val_rng = random.Random(args.seed + 1)
+    val_sample = val_rng.sample(val, min(args.val_sample, len(val)))
+    probe = unseen_entity_set(val, train, seed=args.seed + 2, limit=min(args.val_sample, 200))
+
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    rng = random.Random(args.seed)
+    curve, best = [], -1.0
+    started = time.time()
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        epoch_rows = [augment(ex, names, args.aug_rate) for ex in train]
+        pairs = encode(tok, epoch_rows)
+        loss_sum, loss_n = 0.0, 0
+        for src, mask, tgt in batches(pairs, args.batch_size, rng, shuffle=True):
+            loss = model(input_ids=src.to(device), attention_mask=mask.to(device), labels=tgt.to(device)).loss
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            loss_sum += loss.item()
+            loss_n += 1
+        train_seconds = time.time() - t0
+        v_loss = validation_loss(model, val_pairs, args.batch_size * 2, device)
+        preds = generate(model, tok, [ex.query for ex in val_sample], device)
+        table = MetricTable()
+        for ex, text in zip(val_sample, preds):
+            table.add(sq.split(text, ex.query), ex.subqueries, ex.kind)
+        overall = table.rows()[0]
+        probe_preds = generate(model, tok, [ex.query for ex, _ in probe], device)
+        copied = copy_rate(probe, probe_preds)
+        point = {
+            "epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "val_loss": v_loss,
+            "val_rouge_l": overall.rouge_l, "val_exact_match": overall.exact_match,
+            "unseen_entity_copy_rate": copied, "epoch_seconds": round(train_seconds, 1),
+            "elapsed_seconds": round(time.time() - started, 1),
+        }
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+        if overall.rouge_l > best:
+            best = overall.rouge_l
+            model.save_pretrained(out / "checkpoint")
+            save_tokenizer(tok, out / "checkpoint")
+        (out / "curve.json").write_text(json.dumps({
+            "parameters": n_params, "args": vars(args), "device": str(device), "epochs": curve,
+        }, indent=2))
+        if args.max_minutes and time.time() - started > args.max_minutes * 60:
+            print(f"stopping: time budget of {args.max_minutes} minutes spent", flush=True)
+            break
+
+
+if __name__ == "__main__":
+    main()

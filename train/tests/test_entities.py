@@ -1,0 +1,33 @@
+from qr_train.corpus import Example
+from qr_train.entities import NameFactory, augment, find_mentions, substitute
+
+
+def ex(q, *subs):
+    return Example(q, tuple(subs), "")
+
+
+def test_finds_names_not_properties():
+    e = ex("Who was born first, Charles Alton Ellis or Al Gore?", "Charles Alton Ellis Birth Date", "Al Gore Birth Date")
+    assert sorted(m.name for m in find_mentions(e)) == ["Al Gore", "Charles Alton Ellis"]
+
+
+def test_lowercase_type_words_in_chains_are_not_names():
+    e = ex("Which country borders the country where Gifu Prefecture is?",
+           "Gifu Prefecture Located In Country", "Country Has Neighbor Country")
+    assert [m.name for m in find_mentions(e)] == ["Gifu Prefecture"]
+
+
+def test_substitute_is_consistent_and_handles_commas():
+    e = ex("What are the populations of Te Anau and Woodend, Victoria?", "Te Anau Population", "Woodend Victoria Population")
+    out = substitute(e, {"Te Anau": "Quarn", "Woodend Victoria": "Zel Hollow"})
+    assert out.query == "What are the populations of Quarn and Zel Hollow?"
+    assert out.subqueries == ("Quarn Population", "Zel Hollow Population")
+
+
+def test_augment_swaps_every_name_in_both_sides():
+    e = ex("Which is taller, Sky Tower or Auckland Harbour Bridge?", "Sky Tower Height", "Auckland Harbour Bridge Height")
+    out = augment(e, NameFactory(3), rate=1.0)
+    assert "Sky Tower" not in out.query and "Auckland Harbour Bridge" not in out.query
+    for sub in out.subqueries:
+        name = sub.rsplit(" Height", 1)[0]
+        assert name in out.query
