@@ -1,0 +1,145 @@
+//! Server configuration: one struct from flags and environment, passed down whole.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// The model shipped with the repository.
+pub const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5");
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// qserver: gRPC service that rewrites a natural-language question into search-engine
+/// subqueries with an int8 T5 model on ONNX Runtime (CPU).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "qserver", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "QSERVER_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Model directory in Hugging Face Optimum's T5 ONNX layout (encoder_model.onnx,
+    /// decoder_model.onnx, decoder_with_past_model.onnx, config.json, tokenizer.json).
+    #[arg(long, env = "QSERVER_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+
+    /// ONNX Runtime shared library (libonnxruntime.so.1.31.1). Default: next to the
+    /// executable, then the repository's .ort/ (filled by `make runtime`).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib: Option<PathBuf>,
+
+    /// Engine workers, each a thread with its own model sessions [default: available cores].
+    #[arg(long, env = "QSERVER_WORKERS")]
+    pub workers: Option<NonZeroUsize>,
+
+    /// ONNX Runtime intra-op threads per session (spinning is turned off above 1).
+    #[arg(long, env = "QSERVER_INTRA_OP_THREADS", default_value_t = NonZeroUsize::MIN)]
+    pub intra_op_threads: NonZeroUsize,
+
+    /// Requests handled at once (Reformulate, Evaluate and Benchmark calls); more are
+    /// refused with RESOURCE_EXHAUSTED instead of queueing.
+    #[arg(long, env = "QSERVER_MAX_CONCURRENT_REQUESTS", default_value = "64")]
+    pub max_concurrent_requests: NonZeroUsize,
+
+    /// Longest accepted query, in characters.
+    #[arg(long, env = "QSERVER_MAX_QUERY_CHARS", default_value = "2000")]
+    pub max_query_chars: NonZeroUsize,
+
+    /// Longest accepted query, in model tokens (longer ones are refused unless the request
+    /// sets options.truncate).
+    #[arg(long, env = "QSERVER_MAX_INPUT_TOKENS", default_value = "256")]
+    pub max_input_tokens: NonZeroUsize,
+
+    /// Generated-token budget when a request leaves options.max_new_tokens at 0.
+    #[arg(long, env = "QSERVER_DEFAULT_MAX_NEW_TOKENS", default_value = "64")]
+    pub default_max_new_tokens: NonZeroUsize,
+
+    /// Largest options.max_new_tokens a request may ask for.
+    #[arg(long, env = "QSERVER_MAX_NEW_TOKENS_LIMIT", default_value = "256")]
+    pub max_new_tokens_limit: NonZeroUsize,
+
+    /// Response cache entries (normalised query + all options); 0 disables the cache.
+    #[arg(long, env = "QSERVER_CACHE_CAPACITY", default_value_t = 10_000)]
+    pub cache_capacity: u64,
+
+    /// Seconds to let in-flight requests finish after a shutdown signal.
+    #[arg(long, env = "QSERVER_GRACE_PERIOD_SECS", default_value_t = 10)]
+    pub grace_period_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "QSERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `qserver=debug,info` (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "QSERVER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    /// Checks relations between fields that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_max_new_tokens > self.max_new_tokens_limit {
+            return Err(format!(
+                "--default-max-new-tokens {} is above --max-new-tokens-limit {}",
+                self.default_max_new_tokens, self.max_new_tokens_limit
+            ));
+        }
+        Ok(())
+    }
+
+    /// Workers to start: the flag, or one per available core.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .map(NonZeroUsize::get)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
+    }
+
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::try_parse_from(["qserver"]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:50051");
+        assert!(c.model.ends_with("models/qreformulate-t5"));
+        assert_eq!(c.intra_op_threads.get(), 1);
+        assert_eq!(c.max_concurrent_requests.get(), 64);
+        assert_eq!(c.max_query_chars.get(), 2000);
+        assert_eq!(c.max_input_tokens.get(), 256);
+        assert_eq!(c.default_max_new_tokens.get(), 64);
+        assert_eq!(c.max_new_tokens_limit.get(), 256);
+        assert_eq!(c.cache_capacity, 10_000);
+        assert_eq!(c.grace_period_secs, 10);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.worker_count() >= 1);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_parse_and_zero_limits_are_refused() {
+        let c = Config::try_parse_from(["qserver", "--model", "/m", "--workers", "3", "--log-format", "json"]).unwrap();
+        assert_eq!(c.model, PathBuf::from("/m"));
+        assert_eq!(c.worker_count(), 3);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["qserver", "--workers", "0"]).is_err());
+        assert!(Config::try_parse_from(["qserver", "--max-input-tokens", "0"]).is_err());
+    }
+
+    #[test]
+    fn default_above_limit_is_refused() {
+        let c = Config::try_parse_from(["qserver", "--default-max-new-tokens", "300"]).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("300") && err.contains("256"), "{err}");
+    }
+}

@@ -1,0 +1,71 @@
+//! The client's deadline, from the `grpc-timeout` request header.
+//!
+//! tonic's server also enforces that header, but answers CANCELLED when it fires; the
+//! service therefore stops a little earlier and answers DEADLINE_EXCEEDED itself.
+
+use std::time::{Duration, Instant};
+
+use tonic::metadata::MetadataMap;
+
+/// How much earlier than the client's deadline the service gives up, so that its own
+/// DEADLINE_EXCEEDED reaches the client before tonic's timeout fires.
+const MARGIN: Duration = Duration::from_millis(2);
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The instant the service must answer by, if the client set a timeout.
+pub fn from_metadata(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
+    let timeout = metadata.get("grpc-timeout")?.to_str().ok().and_then(parse_grpc_timeout)?;
+    Some(received + timeout.saturating_sub(MARGIN.min(timeout / 2)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+    }
+
+    #[test]
+    fn rejects_malformed_values() {
+        for v in ["", "S", "10", "10x", "-1S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn deadline_from_metadata_is_slightly_early() {
+        let now = Instant::now();
+        let mut md = MetadataMap::new();
+        assert_eq!(from_metadata(&md, now), None);
+        md.insert("grpc-timeout", "100m".parse().unwrap());
+        let d = from_metadata(&md, now).unwrap();
+        assert!(d < now + Duration::from_millis(100) && d >= now + Duration::from_millis(97));
+    }
+}

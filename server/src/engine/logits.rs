@@ -1,0 +1,155 @@
+//! Allocation-free operations on one row of logits (one vocabulary distribution).
+
+use rand::Rng;
+
+/// Index of the largest logit, skipping `banned`. NaNs are never chosen.
+pub fn argmax(row: &[f32], banned: Option<usize>) -> usize {
+    let mut best = usize::MAX;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &x) in row.iter().enumerate() {
+        if Some(i) == banned || x.is_nan() {
+            continue;
+        }
+        if best == usize::MAX || x > best_value {
+            best = i;
+            best_value = x;
+        }
+    }
+    if best == usize::MAX {
+        0
+    } else {
+        best
+    }
+}
+
+/// `log(sum(exp(row)))`, computed stably in f64.
+pub fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return f64::from(max);
+    }
+    let max = f64::from(max);
+    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Log-probability of `token` under the softmax of `row`.
+pub fn log_prob(row: &[f32], token: usize, lse: f64) -> f64 {
+    f64::from(row[token]) - lse
+}
+
+/// Draws one index from `softmax(row / temperature)`, never `banned`. Three passes over the
+/// row, no buffer.
+pub fn sample<R: Rng + ?Sized>(row: &[f32], temperature: f32, banned: Option<usize>, rng: &mut R) -> usize {
+    let inv_t = 1.0 / f64::from(temperature);
+    let allowed = |i: usize, x: f32| Some(i) != banned && !x.is_nan();
+    let max = row
+        .iter()
+        .enumerate()
+        .filter(|&(i, &x)| allowed(i, x))
+        .map(|(_, &x)| f64::from(x))
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return argmax(row, banned);
+    }
+    let weight = |x: f32| ((f64::from(x) - max) * inv_t).exp();
+    let total: f64 = row.iter().enumerate().filter(|&(i, &x)| allowed(i, x)).map(|(_, &x)| weight(x)).sum();
+    let mut threshold = rng.random::<f64>() * total;
+    let mut last_allowed = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if !allowed(i, x) {
+            continue;
+        }
+        last_allowed = i;
+        threshold -= weight(x);
+        if threshold < 0.0 {
+            return i;
+        }
+    }
+    // Rounding left a sliver of mass: take the last candidate.
+    last_allowed
+}
+
+/// The `k` largest logits of `row` as `(logit, index)`, largest first, skipping `banned`.
+/// `out` is cleared and reused.
+pub fn top_k(row: &[f32], k: usize, banned: Option<usize>, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    if k == 0 {
+        return;
+    }
+    for (i, &x) in row.iter().enumerate() {
+        if Some(i) == banned || x.is_nan() {
+            continue;
+        }
+        if out.len() == k && x <= out[k - 1].0 {
+            continue;
+        }
+        // Insert keeping descending order; ties keep the lower index first.
+        let pos = out.partition_point(|&(v, _)| v >= x);
+        out.insert(pos, (x, i as u32));
+        out.truncate(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    #[test]
+    fn argmax_picks_largest_and_respects_ban() {
+        let row = [0.1, 3.0, 2.0, f32::NAN];
+        assert_eq!(argmax(&row, None), 1);
+        assert_eq!(argmax(&row, Some(1)), 2);
+    }
+
+    #[test]
+    fn logsumexp_matches_direct_formula() {
+        let row = [1.0f32, 2.0, 3.0];
+        let direct = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((logsumexp(&row) - direct).abs() < 1e-9);
+        let lp: f64 = (0..3).map(|i| log_prob(&row, i, logsumexp(&row)).exp()).sum();
+        assert!((lp - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn top_k_sorted_descending_with_ban() {
+        let row = [0.5, 4.0, -1.0, 3.0, 4.0, 2.0];
+        let mut out = Vec::new();
+        top_k(&row, 3, None, &mut out);
+        assert_eq!(out, vec![(4.0, 1), (4.0, 4), (3.0, 3)]);
+        top_k(&row, 2, Some(1), &mut out);
+        assert_eq!(out, vec![(4.0, 4), (3.0, 3)]);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_distribution() {
+        let row = [0.0f32, 2.0, -50.0];
+        let draw = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..200).map(|_| sample(&row, 1.0, None, &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        let picks = draw(7);
+        // p(1) = e^2 / (1 + e^2) ~ 0.88; index 2 has ~e^-50 mass.
+        let ones = picks.iter().filter(|&&i| i == 1).count();
+        assert!(ones > 140 && ones < 200, "{ones}");
+        assert!(!picks.contains(&2));
+    }
+
+    #[test]
+    fn sampling_never_returns_banned_index() {
+        let row = [0.0f32, 10.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert!((0..50).all(|_| sample(&row, 1.0, Some(1), &mut rng) == 0));
+    }
+
+    #[test]
+    fn low_temperature_approaches_argmax() {
+        let row = [1.0f32, 1.5, 0.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        assert!((0..50).all(|_| sample(&row, 0.01, None, &mut rng) == 1));
+    }
+}

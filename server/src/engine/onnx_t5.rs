@@ -1,0 +1,421 @@
+//! T5 on ONNX Runtime, in Hugging Face Optimum's split layout: the encoder runs once, then
+//! `decoder_model.onnx` takes the first step (it also returns the cross-attention KV), and
+//! `decoder_with_past_model.onnx` takes every further step, fed its own previous KV outputs
+//! as ORT values (no copies, except the beam reorder).
+//!
+//! Input and output names are discovered from the sessions, so any layer count works.
+
+use std::{borrow::Cow, path::Path, time::Instant};
+
+use ort::{
+    environment::Environment,
+    session::{builder::GraphOptimizationLevel, Session, SessionInputValue},
+    value::{DynValue, Tensor, ValueType},
+};
+use tokenizers::Tokenizer;
+
+use super::{
+    decode::{new_search, Hypothesis, Special},
+    model_dir::{self, ModelDir, ModelError, T5Config},
+    CancelToken, Candidate, Engine, EngineError, GenerateRequest, Generation, Timings,
+};
+
+const INPUT_IDS: &str = "input_ids";
+const ATTENTION_MASK: &str = "attention_mask";
+const ENCODER_MASK: &str = "encoder_attention_mask";
+const ENCODER_STATES: &str = "encoder_hidden_states";
+const LOGITS: &str = "logits";
+const PAST_PREFIX: &str = "past_key_values.";
+const PRESENT_PREFIX: &str = "present.";
+
+/// Session settings (from the server configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSettings {
+    pub intra_op_threads: usize,
+}
+
+/// One KV-cache tensor: fed as `past_key_values.X`, produced as `present.X`.
+#[derive(Debug, Clone)]
+struct CacheSlot {
+    input: String,
+    present: String,
+    /// Produced by every with-past step (self-attention): replaced each step and reordered
+    /// by beam search. Otherwise (cross-attention) kept from the first step.
+    per_step: bool,
+}
+
+/// Which optional inputs each session takes, and the cache wiring.
+#[derive(Debug, Clone)]
+struct Io {
+    encoder_output: String,
+    encoder_takes_mask: bool,
+    first_takes_mask: bool,
+    past_takes_mask: bool,
+    past_takes_states: bool,
+    slots: Vec<CacheSlot>,
+}
+
+pub struct OnnxT5 {
+    model_id: String,
+    tokenizer: Tokenizer,
+    encoder: Session,
+    decoder: Session,
+    decoder_with_past: Session,
+    io: Io,
+    config: T5Config,
+    length_penalty: f64,
+}
+
+fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Load { file: file.to_path_buf(), reason: e.to_string() }
+}
+
+fn open_session(env: &Environment, path: &Path, settings: SessionSettings) -> Result<Session, ModelError> {
+    let threads = settings.intra_op_threads.max(1);
+    let mut builder = Session::builder(env)
+        .map_err(|e| load_error(path, e))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| load_error(path, e))?
+        .with_intra_threads(threads)
+        .map_err(|e| load_error(path, e))?;
+    if threads > 1 {
+        // Spinning intra-op threads steal the CPU from the other workers (see STACK.md).
+        builder = builder.with_intra_op_spinning(false).map_err(|e| load_error(path, e))?;
+    }
+    builder.commit_from_file(path).map_err(|e| load_error(path, e))
+}
+
+fn names(outlets: &[ort::value::Outlet]) -> Vec<String> {
+    outlets.iter().map(|o| o.name().to_owned()).collect()
+}
+
+impl Io {
+    /// Wires the three sessions together by name; any input we cannot feed is an error.
+    fn discover(dir: &ModelDir, encoder: &Session, decoder: &Session, with_past: &Session) -> Result<Self, ModelError> {
+        let malformed = |file: &str, reason: String| ModelError::Malformed { file: dir.file(file), reason };
+        let enc_in = names(encoder.inputs());
+        let enc_out = names(encoder.outputs());
+        let dec_in = names(decoder.inputs());
+        let dec_out = names(decoder.outputs());
+        let past_in = names(with_past.inputs());
+        let past_out = names(with_past.outputs());
+
+        let has = |list: &[String], name: &str| list.iter().any(|n| n == name);
+        let unknown = |file: &str, list: &[String], known: &[&str], allow_past: bool| -> Result<(), ModelError> {
+            for n in list {
+                if !known.contains(&n.as_str()) && !(allow_past && n.starts_with(PAST_PREFIX)) {
+                    return Err(malformed(file, format!("unexpected input `{n}`")));
+                }
+            }
+            Ok(())
+        };
+
+        if !has(&enc_in, INPUT_IDS) {
+            return Err(malformed(model_dir::ENCODER_FILE, format!("no `{INPUT_IDS}` input")));
+        }
+        unknown(model_dir::ENCODER_FILE, &enc_in, &[INPUT_IDS, ATTENTION_MASK], false)?;
+        let encoder_output = if has(&enc_out, "last_hidden_state") {
+            "last_hidden_state".to_owned()
+        } else {
+            enc_out.first().cloned().ok_or_else(|| malformed(model_dir::ENCODER_FILE, "no outputs".into()))?
+        };
+
+        for (file, inputs, outputs) in
+            [(model_dir::DECODER_FILE, &dec_in, &dec_out), (model_dir::DECODER_WITH_PAST_FILE, &past_in, &past_out)]
+        {
+            if !has(inputs, INPUT_IDS) {
+                return Err(malformed(file, format!("no `{INPUT_IDS}` input")));
+            }
+            if !has(outputs, LOGITS) {
+                return Err(malformed(file, format!("no `{LOGITS}` output")));
+            }
+        }
+        if !has(&dec_in, ENCODER_STATES) {
+            return Err(malformed(model_dir::DECODER_FILE, format!("no `{ENCODER_STATES}` input")));
+        }
+        unknown(model_dir::DECODER_FILE, &dec_in, &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES], false)?;
+        unknown(model_dir::DECODER_WITH_PAST_FILE, &past_in, &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES], true)?;
+
+        let mut slots = Vec::new();
+        for input in past_in.iter().filter(|n| n.starts_with(PAST_PREFIX)) {
+            let present = format!("{PRESENT_PREFIX}{}", &input[PAST_PREFIX.len()..]);
+            let per_step = has(&past_out, &present);
+            if !per_step && !has(&dec_out, &present) {
+                return Err(malformed(
+                    model_dir::DECODER_WITH_PAST_FILE,
+                    format!("input `{input}` has no matching `{present}` output in either decoder"),
+                ));
+            }
+            if !has(&dec_out, &present) {
+                // The first step must produce every cache entry: the with-past graph needs all.
+                return Err(malformed(model_dir::DECODER_FILE, format!("no `{present}` output")));
+            }
+            slots.push(CacheSlot { input: input.clone(), present, per_step });
+        }
+        if slots.is_empty() {
+            return Err(malformed(model_dir::DECODER_WITH_PAST_FILE, format!("no `{PAST_PREFIX}*` inputs")));
+        }
+
+        Ok(Io {
+            encoder_output,
+            encoder_takes_mask: has(&enc_in, ATTENTION_MASK),
+            first_takes_mask: has(&dec_in, ENCODER_MASK),
+            past_takes_mask: has(&past_in, ENCODER_MASK),
+            past_takes_states: has(&past_in, ENCODER_STATES),
+            slots,
+        })
+    }
+}
+
+impl OnnxT5 {
+    /// Loads tokenizer and the three sessions from a checked model directory.
+    pub fn load(env: &Environment, dir: &ModelDir, settings: SessionSettings) -> Result<Self, ModelError> {
+        let tokenizer_path = dir.file(model_dir::TOKENIZER_FILE);
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e))?;
+        // The server enforces its own input limit; padding would feed fake tokens.
+        tokenizer.with_truncation(None).map_err(|e| load_error(&tokenizer_path, e))?;
+        tokenizer.with_padding(None);
+
+        let encoder = open_session(env, &dir.file(model_dir::ENCODER_FILE), settings)?;
+        let decoder = open_session(env, &dir.file(model_dir::DECODER_FILE), settings)?;
+        let decoder_with_past = open_session(env, &dir.file(model_dir::DECODER_WITH_PAST_FILE), settings)?;
+        let io = Io::discover(dir, &encoder, &decoder, &decoder_with_past)?;
+        Ok(Self {
+            model_id: dir.model_id.clone(),
+            tokenizer,
+            encoder,
+            decoder,
+            decoder_with_past,
+            io,
+            config: dir.config.clone(),
+            length_penalty: dir.generation.length_penalty,
+        })
+    }
+
+    fn special(&self) -> Special {
+        Special { eos: self.config.eos_token_id, pad: self.config.pad_token_id }
+    }
+
+    /// Token ids of the query (with the tokenizer's `</s>`), cut or rejected at the limit.
+    fn tokenize(&self, req: &GenerateRequest) -> Result<(Vec<i64>, bool), EngineError> {
+        let encoding =
+            self.tokenizer.encode_fast(req.query.as_str(), true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+        let eos = i64::from(self.config.eos_token_id);
+        if ids.is_empty() {
+            ids.push(eos);
+        }
+        let limit = req.max_input_tokens.max(1);
+        if ids.len() <= limit {
+            return Ok((ids, false));
+        }
+        if !req.truncate {
+            return Err(EngineError::TooManyTokens { tokens: ids.len(), limit });
+        }
+        let ended_with_eos = ids.last() == Some(&eos);
+        ids.truncate(limit);
+        if ended_with_eos {
+            ids[limit - 1] = eos;
+        }
+        Ok((ids, true))
+    }
+
+    /// Runs the encoder on one sequence; returns `last_hidden_state` (1, len, d_model).
+    fn encode(&mut self, ids: &[i64]) -> Result<DynValue, EngineError> {
+        let len = ids.len();
+        let input_ids = Tensor::from_array(([1usize, len], ids.to_vec()))?;
+        let mask = Tensor::from_array(([1usize, len], vec![1i64; len]))?;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(INPUT_IDS.into(), (&input_ids).into())];
+        if self.io.encoder_takes_mask {
+            inputs.push((ATTENTION_MASK.into(), (&mask).into()));
+        }
+        let mut outputs = self.encoder.run(inputs)?;
+        outputs
+            .remove(self.io.encoder_output.as_str())
+            .ok_or_else(|| EngineError::Model(format!("encoder returned no `{}`", self.io.encoder_output)))
+    }
+
+    /// The decode loop shared by every search strategy.
+    fn decode(
+        &mut self,
+        encoder_states: DynValue,
+        src_len: usize,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+    ) -> Result<Vec<Hypothesis>, EngineError> {
+        let params = &req.params;
+        let mut search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty);
+        let rows = search.rows();
+
+        // Every row decodes the same source: repeat the encoder output and mask per row.
+        let encoder_states = if rows == 1 { encoder_states } else { repeat_rows(&encoder_states, rows)? };
+        let encoder_mask = Tensor::from_array(([rows, src_len], vec![1i64; rows * src_len]))?;
+        let start = i64::from(self.config.decoder_start_token_id);
+        let mut input_ids = Tensor::from_array(([rows, 1usize], vec![start; rows]))?;
+        let mut cache: Vec<Option<DynValue>> = self.io.slots.iter().map(|_| None).collect();
+
+        for step in 0..params.max_new_tokens {
+            cancel.check(search.generated())?;
+            let done = if step == 0 {
+                let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3);
+                inputs.push((INPUT_IDS.into(), (&input_ids).into()));
+                inputs.push((ENCODER_STATES.into(), (&encoder_states).into()));
+                if self.io.first_takes_mask {
+                    inputs.push((ENCODER_MASK.into(), (&encoder_mask).into()));
+                }
+                let mut outputs = self.decoder.run(inputs)?;
+                let done = {
+                    let (shape, logits) = outputs
+                        .get(LOGITS)
+                        .ok_or_else(|| EngineError::Model("decoder returned no logits".into()))?
+                        .try_extract_tensor::<f32>()?;
+                    let vocab = last_position_vocab(shape, rows)?;
+                    search.advance(&logits[..rows * vocab], vocab)
+                };
+                for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
+                    let v = outputs
+                        .remove(slot.present.as_str())
+                        .ok_or_else(|| EngineError::Model(format!("decoder returned no `{}`", slot.present)))?;
+                    check_cache_shape(&v, &slot.present, &self.config)?;
+                    *value = Some(v);
+                }
+                done
+            } else {
+                let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3 + cache.len());
+                inputs.push((INPUT_IDS.into(), (&input_ids).into()));
+                if self.io.past_takes_mask {
+                    inputs.push((ENCODER_MASK.into(), (&encoder_mask).into()));
+                }
+                if self.io.past_takes_states {
+                    inputs.push((ENCODER_STATES.into(), (&encoder_states).into()));
+                }
+                for (slot, value) in self.io.slots.iter().zip(cache.iter()) {
+                    let value = value.as_ref().expect("the first step fills every cache slot; this is a bug");
+                    inputs.push((slot.input.as_str().into(), value.into()));
+                }
+                let mut outputs = self.decoder_with_past.run(inputs)?;
+                let done = {
+                    let (shape, logits) = outputs
+                        .get(LOGITS)
+                        .ok_or_else(|| EngineError::Model("decoder returned no logits".into()))?
+                        .try_extract_tensor::<f32>()?;
+                    let vocab = last_position_vocab(shape, rows)?;
+                    search.advance(&logits[..rows * vocab], vocab)
+                };
+                for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
+                    if slot.per_step {
+                        *value = Some(outputs.remove(slot.present.as_str()).ok_or_else(|| {
+                            EngineError::Model(format!("decoder with past returned no `{}`", slot.present))
+                        })?);
+                    }
+                }
+                done
+            };
+            if done {
+                break;
+            }
+            if let Some(parents) = search.parents() {
+                for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
+                    // Cross-attention entries are identical across rows: no reorder needed.
+                    if slot.per_step {
+                        let v = value.as_ref().expect("cache slot filled above; this is a bug");
+                        *value = Some(gather_rows(v, parents)?);
+                    }
+                }
+            }
+            input_ids.extract_tensor_mut().1.copy_from_slice(search.next_tokens());
+        }
+        Ok(search.finish())
+    }
+}
+
+/// Vocabulary size from logits shaped (rows, 1, vocab): one token is fed per step, so the
+/// last position's logits of all rows are the whole, contiguous tensor.
+fn last_position_vocab(shape: &[i64], rows: usize) -> Result<usize, EngineError> {
+    match shape {
+        [r, 1, v] if *r as usize == rows && *v >= 1 => Ok(*v as usize),
+        _ => Err(EngineError::Model(format!("logits have shape {shape:?}; expected ({rows}, 1, vocab)"))),
+    }
+}
+
+/// Checks a first-step cache tensor against config.json: (batch, num_heads, len, d_kv).
+fn check_cache_shape(value: &DynValue, name: &str, config: &T5Config) -> Result<(), EngineError> {
+    if let ValueType::Tensor { shape, .. } = value.dtype() {
+        if shape.len() == 4 && shape[1] as usize == config.num_heads && shape[3] as usize == config.d_kv {
+            return Ok(());
+        }
+        return Err(EngineError::Model(format!(
+            "`{name}` has shape {:?}; config.json says (batch, {}, len, {})",
+            &shape[..],
+            config.num_heads,
+            config.d_kv
+        )));
+    }
+    Err(EngineError::Model(format!("`{name}` is not a tensor")))
+}
+
+/// Repeats a (1, ...) f32 tensor `rows` times along the first axis.
+fn repeat_rows(value: &DynValue, rows: usize) -> Result<DynValue, EngineError> {
+    let (shape, data) = value.try_extract_tensor::<f32>()?;
+    let mut dims: Vec<i64> = shape.to_vec();
+    if dims.first() != Some(&1) {
+        return Err(EngineError::Model(format!("expected a batch of one, got shape {dims:?}")));
+    }
+    dims[0] = rows as i64;
+    let mut out = Vec::with_capacity(data.len() * rows);
+    for _ in 0..rows {
+        out.extend_from_slice(data);
+    }
+    Ok(Tensor::from_array((dims, out))?.into_dyn())
+}
+
+/// New tensor whose row `i` is row `parents[i]` of `value` (beam reorder of the KV cache).
+fn gather_rows(value: &DynValue, parents: &[usize]) -> Result<DynValue, EngineError> {
+    let (shape, data) = value.try_extract_tensor::<f32>()?;
+    let rows = shape.first().copied().unwrap_or(0) as usize;
+    if rows != parents.len() || rows == 0 {
+        return Err(EngineError::Model(format!("cache has {rows} rows, search has {}", parents.len())));
+    }
+    let chunk = data.len() / rows;
+    let mut out = Vec::with_capacity(data.len());
+    for &p in parents {
+        out.extend_from_slice(&data[p * chunk..(p + 1) * chunk]);
+    }
+    Ok(Tensor::from_array((shape.to_vec(), out))?.into_dyn())
+}
+
+impl Engine for OnnxT5 {
+    fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+        let started = Instant::now();
+        cancel.check(0)?;
+        let (ids, truncated) = self.tokenize(req)?;
+        let tokenized = Instant::now();
+
+        let encoder_states = self.encode(&ids)?;
+        let encoded = Instant::now();
+
+        let hyps = self.decode(encoder_states, ids.len(), req, cancel)?;
+        let mut candidates = Vec::with_capacity(hyps.len());
+        for h in &hyps {
+            let text = self.tokenizer.decode(&h.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            candidates.push(Candidate { text, score: h.score, tokens: h.tokens.len() });
+        }
+        let decoded = Instant::now();
+        if candidates.is_empty() {
+            return Err(EngineError::Model("search returned no sequence".into()));
+        }
+        let timings = Timings {
+            tokenize: tokenized - started,
+            encode: encoded - tokenized,
+            decode: decoded - encoded,
+            total: decoded - started,
+            generated_tokens: candidates[0].tokens,
+            input_tokens: ids.len(),
+        };
+        Ok(Generation { candidates, timings, truncated })
+    }
+
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+}

@@ -1,0 +1,333 @@
+//! Engine workers: each engine instance is owned by one OS thread and driven by jobs over a
+//! channel (no lock around sessions). Jobs carry a oneshot for the reply, so async handlers
+//! await results without blocking the runtime.
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::oneshot;
+
+use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError, Timings};
+
+/// Builds worker `i`'s engine, on that worker's thread.
+pub type EngineFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Engine>, ModelError> + Send + Sync>;
+
+/// Benchmark replay run by one worker: `warmup` untimed generations, then each query
+/// `repeat` times (round-robin over the queries).
+#[derive(Debug, Clone)]
+pub struct BenchmarkPlan {
+    pub queries: Vec<String>,
+    pub repeat: usize,
+    pub warmup: usize,
+    /// Options shared by every run; its `query` is replaced per run.
+    pub template: GenerateRequest,
+}
+
+/// Per-run timings of the measured generations, and the wall time they took together.
+#[derive(Debug, Clone)]
+pub struct BenchmarkRun {
+    pub runs: Vec<Timings>,
+    pub wall: Duration,
+}
+
+enum Job {
+    Generate {
+        req: GenerateRequest,
+        cancel: CancelToken,
+        reply: oneshot::Sender<Result<Generation, EngineError>>,
+    },
+    Benchmark {
+        plan: BenchmarkPlan,
+        cancel: CancelToken,
+        reply: oneshot::Sender<Result<BenchmarkRun, EngineError>>,
+    },
+    Stop,
+}
+
+pub struct EnginePool {
+    tx: Sender<Job>,
+    size: usize,
+    model_id: String,
+    aborted: Arc<AtomicBool>,
+}
+
+impl EnginePool {
+    /// Starts `size` workers; each builds its engine and runs `warmup` once before it counts
+    /// as ready. Blocks until all are ready or one fails (then the others are stopped).
+    pub fn start(size: usize, factory: EngineFactory, warmup: GenerateRequest) -> Result<Self, ModelError> {
+        let size = size.max(1);
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
+        let aborted = Arc::new(AtomicBool::new(false));
+        for i in 0..size {
+            let rx = rx.clone();
+            let factory = Arc::clone(&factory);
+            let ready_tx = ready_tx.clone();
+            let warmup = warmup.clone();
+            let aborted = Arc::clone(&aborted);
+            let spawned = thread::Builder::new().name(format!("qserver-engine-{i}")).spawn(move || {
+                let engine = match factory(i) {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                worker(i, engine, rx, ready_tx, warmup, aborted);
+            });
+            if let Err(e) = spawned {
+                return Err(ModelError::Load { file: "engine worker thread".into(), reason: e.to_string() });
+            }
+        }
+        drop(ready_tx);
+        let stop_all = |tx: &Sender<Job>| {
+            for _ in 0..size {
+                let _ = tx.send(Job::Stop);
+            }
+        };
+        let mut model_id = String::new();
+        for _ in 0..size {
+            match ready_rx.recv() {
+                Ok(Ok(id)) => model_id = id,
+                Ok(Err(e)) => {
+                    stop_all(&tx);
+                    return Err(e);
+                }
+                Err(_) => {
+                    stop_all(&tx);
+                    return Err(ModelError::WarmUp("an engine worker exited during start-up".into()));
+                }
+            }
+        }
+        Ok(Self { tx, size, model_id, aborted })
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Queues one generation on the next free worker.
+    pub async fn generate(&self, req: GenerateRequest, cancel: CancelToken) -> Result<Generation, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Generate { req, cancel, reply })?;
+        rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
+    }
+
+    /// Runs a whole benchmark plan on one worker.
+    pub async fn benchmark(&self, plan: BenchmarkPlan, cancel: CancelToken) -> Result<BenchmarkRun, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Benchmark { plan, cancel, reply })?;
+        rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
+    }
+
+    fn send(&self, job: Job) -> Result<(), EngineError> {
+        if self.aborted.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable("server is shutting down".into()));
+        }
+        self.tx.send(job).map_err(|_| EngineError::Unavailable("engine workers have stopped".into()))
+    }
+
+    /// Stops the workers: queued jobs are answered `Unavailable`, a running one finishes.
+    pub fn stop(&self) {
+        self.aborted.store(true, Ordering::Relaxed);
+        for _ in 0..self.size {
+            let _ = self.tx.send(Job::Stop);
+        }
+    }
+}
+
+impl Drop for EnginePool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn worker(
+    index: usize,
+    mut engine: Box<dyn Engine>,
+    rx: Receiver<Job>,
+    ready: mpsc::Sender<Result<String, ModelError>>,
+    warmup: GenerateRequest,
+    aborted: Arc<AtomicBool>,
+) {
+    let started = Instant::now();
+    match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)) {
+        Ok(g) => {
+            tracing::info!(
+                worker = index,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                text = %g.candidates[0].text,
+                "engine warmed up"
+            );
+            let _ = ready.send(Ok(engine.model_id().to_owned()));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(ModelError::WarmUp(e.to_string())));
+            return;
+        }
+    }
+    drop(ready);
+    let shutting_down = || EngineError::Unavailable("server is shutting down".into());
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Stop => break,
+            Job::Generate { req, cancel, reply } => {
+                let result = if aborted.load(Ordering::Relaxed) {
+                    Err(shutting_down())
+                } else {
+                    run_guarded(engine.as_mut(), &req, &cancel)
+                };
+                let _ = reply.send(result);
+            }
+            Job::Benchmark { plan, cancel, reply } => {
+                let result = if aborted.load(Ordering::Relaxed) {
+                    Err(shutting_down())
+                } else {
+                    run_benchmark(engine.as_mut(), &plan, &cancel)
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+    tracing::debug!(worker = index, "engine worker stopped");
+}
+
+/// A panicking engine answers with an error instead of taking its worker down.
+fn run_guarded(engine: &mut dyn Engine, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+    if let Err(e) = cancel.check(0) {
+        return Err(e); // gave up while queued
+    }
+    catch_unwind(AssertUnwindSafe(|| engine.generate(req, cancel))).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(EngineError::Panicked(msg))
+    })
+}
+
+fn run_benchmark(engine: &mut dyn Engine, plan: &BenchmarkPlan, cancel: &CancelToken) -> Result<BenchmarkRun, EngineError> {
+    let mut req = plan.template.clone();
+    if plan.queries.is_empty() {
+        return Ok(BenchmarkRun { runs: Vec::new(), wall: Duration::ZERO });
+    }
+    for i in 0..plan.warmup {
+        req.query.clone_from(&plan.queries[i % plan.queries.len()]);
+        run_guarded(engine, &req, cancel)?;
+    }
+    let mut runs = Vec::with_capacity(plan.queries.len() * plan.repeat);
+    let started = Instant::now();
+    for _ in 0..plan.repeat {
+        for q in &plan.queries {
+            req.query.clone_from(q);
+            runs.push(run_guarded(engine, &req, cancel)?.timings);
+        }
+    }
+    Ok(BenchmarkRun { runs, wall: started.elapsed() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Candidate, GenerationParams, SearchKind};
+
+    /// Echoes the query; counts calls; fails on "fail", panics on "panic".
+    struct Echo {
+        calls: usize,
+    }
+
+    impl Engine for Echo {
+        fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+            cancel.check(0)?;
+            self.calls += 1;
+            match req.query.as_str() {
+                "fail" => Err(EngineError::Runtime("boom".into())),
+                "panic" => panic!("engine bug"),
+                q => Ok(Generation {
+                    candidates: vec![Candidate { text: format!("{q}|{}", self.calls), score: 0.0, tokens: 1 }],
+                    timings: Timings { generated_tokens: 1, ..Timings::default() },
+                    truncated: false,
+                }),
+            }
+        }
+        fn model_id(&self) -> &str {
+            "echo"
+        }
+    }
+
+    fn request(q: &str) -> GenerateRequest {
+        GenerateRequest {
+            query: q.into(),
+            params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: false },
+            max_input_tokens: 16,
+            truncate: false,
+        }
+    }
+
+    fn pool(size: usize) -> EnginePool {
+        let factory: EngineFactory = Arc::new(|_| Ok(Box::new(Echo { calls: 0 }) as Box<dyn Engine>));
+        EnginePool::start(size, factory, request("warm")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_jobs_and_survives_errors_and_panics() {
+        let pool = pool(1);
+        assert_eq!(pool.model_id(), "echo");
+        let g = pool.generate(request("a"), CancelToken::new(None)).await.unwrap();
+        assert_eq!(g.candidates[0].text, "a|2"); // warm-up was call 1
+        assert!(matches!(pool.generate(request("fail"), CancelToken::new(None)).await, Err(EngineError::Runtime(_))));
+        let panicked = pool.generate(request("panic"), CancelToken::new(None)).await;
+        assert!(matches!(panicked, Err(EngineError::Panicked(ref m)) if m.contains("engine bug")), "{panicked:?}");
+        // The worker is still alive.
+        assert!(pool.generate(request("b"), CancelToken::new(None)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn cancelled_job_is_not_run() {
+        let pool = pool(1);
+        let cancel = CancelToken::new(None);
+        cancel.cancel();
+        assert!(matches!(pool.generate(request("a"), cancel).await, Err(EngineError::Cancelled)));
+    }
+
+    #[tokio::test]
+    async fn benchmark_runs_queries_times_repeat() {
+        let pool = pool(2);
+        let plan = BenchmarkPlan { queries: vec!["x".into(), "y".into()], repeat: 3, warmup: 2, template: request("") };
+        let run = pool.benchmark(plan, CancelToken::new(None)).await.unwrap();
+        assert_eq!(run.runs.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn failing_factory_fails_start_with_its_error() {
+        let factory: EngineFactory = Arc::new(|i| {
+            if i == 1 {
+                Err(ModelError::MissingFile("nope.onnx".into()))
+            } else {
+                Ok(Box::new(Echo { calls: 0 }) as Box<dyn Engine>)
+            }
+        });
+        let err = EnginePool::start(2, factory, request("warm")).err().expect("start must fail");
+        assert!(err.to_string().contains("nope.onnx"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn stopped_pool_is_unavailable() {
+        let pool = pool(1);
+        pool.stop();
+        assert!(matches!(pool.generate(request("a"), CancelToken::new(None)).await, Err(EngineError::Unavailable(_))));
+    }
+}

@@ -1,0 +1,189 @@
+//! `serve`: load the model, answer health and reflection at once, flip to SERVING after the
+//! warm-up, serve until the shutdown future resolves, then drain within the grace period.
+
+use std::{
+    future::Future,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use qreformulate::{pb::reformulator_server::ReformulatorServer, FILE_DESCRIPTOR_SET};
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::transport::{server::TcpIncoming, Server};
+
+use crate::config::Config;
+use crate::engine::{
+    onnx_t5::{OnnxT5, SessionSettings},
+    pool::{EngineFactory, EnginePool},
+    Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
+};
+use crate::error::ServerError;
+use crate::health::Health;
+use crate::runtime;
+use crate::service::{ReformulatorService, Shared};
+
+/// How often request and cache counters are logged (when they changed).
+const STATS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The warm-up generation: a few tokens through both decoders.
+fn warmup_request(config: &Config) -> GenerateRequest {
+    GenerateRequest {
+        query: "Who lived longer, Nikola Tesla or Milutin Milankovic?".into(),
+        params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: true },
+        max_input_tokens: config.max_input_tokens.get(),
+        truncate: true,
+    }
+}
+
+/// Runs the server on `listener` until `shutdown` resolves (or the model fails to load).
+///
+/// Fails fast, before serving anything, when the configuration is invalid, ONNX Runtime
+/// cannot be loaded, or the model directory lacks a file. Health reports NOT_SERVING until
+/// every engine worker has loaded the model and run one warm-up generation.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let env = runtime::init(config.ort_dylib.as_deref())?;
+    let model = ModelDir::open(&config.model)?;
+    let workers = config.worker_count();
+    tracing::info!(
+        model = %model.root.display(),
+        model_id = %model.model_id,
+        workers,
+        intra_op_threads = config.intra_op_threads.get(),
+        "loading model"
+    );
+
+    let (health, health_service) = Health::new().await;
+    let shared = Arc::new(Shared::new(&config));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection service: {e}")))?;
+
+    // Load and warm up off the async runtime; health flips to SERVING when done.
+    let load_error: Arc<Mutex<Option<ModelError>>> = Arc::default();
+    let (load_failed_tx, load_failed_rx) = oneshot::channel::<()>();
+    let loader = {
+        let shared = Arc::clone(&shared);
+        let health = health.clone();
+        let load_error = Arc::clone(&load_error);
+        let settings = SessionSettings { intra_op_threads: config.intra_op_threads.get() };
+        let warmup = warmup_request(&config);
+        tokio::spawn(async move {
+            let factory: EngineFactory = Arc::new(move |_| {
+                OnnxT5::load(&env, &model, settings).map(|engine| Box::new(engine) as Box<dyn Engine>)
+            });
+            let started = std::time::Instant::now();
+            let result = tokio::task::spawn_blocking(move || EnginePool::start(workers, factory, warmup))
+                .await
+                .unwrap_or_else(|e| Err(ModelError::WarmUp(format!("loader task failed: {e}"))));
+            match result {
+                Ok(pool) => {
+                    tracing::info!(model_id = pool.model_id(), workers = pool.size(), ms = started.elapsed().as_millis() as u64, "model ready; SERVING");
+                    shared.set_pool(pool);
+                    health.set(true).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model failed to load");
+                    *load_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    let _ = load_failed_tx.send(());
+                }
+            }
+        })
+    };
+
+    let stats_logger = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut last = (0, 0, 0, 0);
+            let mut tick = tokio::time::interval(STATS_INTERVAL);
+            loop {
+                tick.tick().await;
+                let c = &shared.counters;
+                let cache = shared.cache_stats();
+                let now = (
+                    c.ok.load(Ordering::Relaxed),
+                    c.failed.load(Ordering::Relaxed),
+                    cache.hits,
+                    cache.misses,
+                );
+                if now != last {
+                    tracing::info!(
+                        ok = now.0,
+                        failed = now.1,
+                        rejected_busy = c.rejected_busy.load(Ordering::Relaxed),
+                        cache_hits = cache.hits,
+                        cache_misses = cache.misses,
+                        cache_entries = cache.entries,
+                        "stats"
+                    );
+                    last = now;
+                }
+            }
+        })
+    };
+
+    // Shutdown: on the caller's signal or a failed load, stop answering (NOT_SERVING and
+    // UNAVAILABLE), then let tonic drain; the grace timer starts at the same moment.
+    let (drain_started_tx, drain_started_rx) = oneshot::channel::<()>();
+    let signal = {
+        let shared = Arc::clone(&shared);
+        let health = health.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => tracing::info!("shutdown requested; draining"),
+                Ok(()) = load_failed_rx => tracing::info!("stopping: the model could not be loaded"),
+            }
+            shared.begin_shutdown();
+            health.set(false).await;
+            let _ = drain_started_tx.send(());
+        }
+    };
+
+    let local_addr = listener.local_addr().ok();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))))
+        .serve_with_incoming_shutdown(incoming, signal);
+    if let Some(addr) = local_addr {
+        tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");
+    }
+
+    let grace = config.grace_period();
+    let grace_over = async move {
+        if drain_started_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        () = grace_over => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; abandoning in-flight requests");
+            Ok(())
+        }
+    };
+
+    stats_logger.abort();
+    shared.stop_pool();
+    if !loader.is_finished() {
+        // Shut down while loading: the loader finishes in the background and its pool is
+        // dropped (stopped) with the last reference to `shared`.
+        tracing::info!("shut down before the model finished loading");
+    }
+    let cache = shared.cache_stats();
+    tracing::info!(cache_hits = cache.hits, cache_misses = cache.misses, "server stopped");
+    if let Some(e) = load_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.into());
+    }
+    served.map_err(ServerError::from)
+}

@@ -1,0 +1,436 @@
+//! The Reformulator gRPC service: validate -> cache -> admission -> engine -> response.
+//! Evaluate and Benchmark reuse the same validation and engine path.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    time::Instant,
+};
+
+use qreformulate::{metrics::MetricTable, pb, subqueries};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::{CacheKey, CacheStats, ResponseCache};
+use crate::config::Config;
+use crate::deadline;
+use crate::engine::{
+    pool::{BenchmarkPlan, EnginePool},
+    CancelToken, GenerateRequest, Generation,
+};
+use crate::error::ServiceError;
+use crate::stats::{ms, LatencyRecorder};
+use crate::validate::{self, Limits, ValidRequest};
+
+/// Most examples one Evaluate call may stream.
+pub const MAX_EVALUATE_EXAMPLES: usize = 100_000;
+/// Most measured generations (queries x repeat) in one Benchmark call.
+pub const MAX_BENCHMARK_RUNS: usize = 100_000;
+/// Most warm-up generations in one Benchmark call.
+pub const MAX_BENCHMARK_WARMUP: usize = 10_000;
+
+/// Request outcomes since start, for the periodic stats log line.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub ok: AtomicU64,
+    pub rejected_busy: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// State shared by all handlers.
+pub struct Shared {
+    limits: Limits,
+    max_concurrent: usize,
+    pool: OnceLock<EnginePool>,
+    cache: ResponseCache,
+    admission: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn new(config: &Config) -> Self {
+        let max_concurrent = config.max_concurrent_requests.get();
+        Self {
+            limits: Limits::from(config),
+            max_concurrent,
+            pool: OnceLock::new(),
+            cache: ResponseCache::new(config.cache_capacity),
+            admission: Arc::new(Semaphore::new(max_concurrent)),
+            shutting_down: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Makes the service ready (once the model is loaded and warmed up).
+    pub fn set_pool(&self, pool: EnginePool) {
+        if self.pool.set(pool).is_err() {
+            tracing::error!("engine pool set twice; keeping the first");
+        }
+    }
+
+    /// From now on requests are refused with UNAVAILABLE.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the engine workers (after the drain).
+    pub fn stop_pool(&self) {
+        if let Some(pool) = self.pool.get() {
+            pool.stop();
+        }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    fn ready_pool(&self) -> Result<&EnginePool, ServiceError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(ServiceError::Unavailable("server is shutting down".into()));
+        }
+        self.pool.get().ok_or_else(|| ServiceError::Unavailable("model is still loading; retry shortly".into()))
+    }
+
+    /// One permit per in-flight request; none left means RESOURCE_EXHAUSTED now, not a queue.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        Arc::clone(&self.admission).try_acquire_owned().map_err(|e| match e {
+            TryAcquireError::NoPermits => {
+                self.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                ServiceError::ResourceExhausted(format!(
+                    "server is at its limit of {} concurrent requests (--max-concurrent-requests); retry later",
+                    self.max_concurrent
+                ))
+            }
+            TryAcquireError::Closed => ServiceError::Unavailable("server is shutting down".into()),
+        })
+    }
+
+    /// Runs one generation; a client that goes away or runs out of time stops the decode loop.
+    async fn generate(
+        &self,
+        pool: &EnginePool,
+        req: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Generation, ServiceError> {
+        let cancel = CancelToken::new(deadline);
+        // Dropped with this future: cancels the job when the client disconnects.
+        let _cancel_on_drop = cancel.cancel_on_drop();
+        let job = pool.generate(req, cancel.clone());
+        match deadline {
+            None => Ok(job.await?),
+            Some(d) => match tokio::time::timeout_at(d.into(), job).await {
+                Ok(result) => Ok(result?),
+                Err(_) => Err(ServiceError::DeadlineExceeded("deadline exceeded before the model finished".into())),
+            },
+        }
+    }
+
+    pub async fn reformulate(
+        &self,
+        req: pb::ReformulateRequest,
+        deadline: Option<Instant>,
+        received: Instant,
+    ) -> Result<pb::ReformulateResponse, ServiceError> {
+        let pool = self.ready_pool()?;
+        let valid = validate::request(&req.query, req.options.as_ref(), &self.limits)?;
+        let key = self.cache.enabled().then(|| CacheKey::new(&valid));
+        if let Some(hit) = key.as_ref().and_then(|k| self.cache.get(k)) {
+            let mut response = (*hit).clone();
+            response.timings = Some(pb::Timings { total_ms: ms(received.elapsed()), cached: true, ..Default::default() });
+            return Ok(response);
+        }
+        let _permit = self.admit()?;
+        let generation = self.generate(pool, valid.to_engine(&self.limits), deadline).await?;
+        let response = build_response(&valid, &generation, pool.model_id());
+        if let Some(key) = key {
+            self.cache.insert(key, response.clone());
+        }
+        Ok(response)
+    }
+
+    pub async fn evaluate(
+        &self,
+        mut stream: Streaming<pb::EvaluateRequest>,
+        deadline: Option<Instant>,
+    ) -> Result<pb::EvaluateResponse, Status> {
+        let pool = self.ready_pool()?;
+        let _permit = self.admit()?;
+        let mut table = MetricTable::new();
+        let mut latency = LatencyRecorder::new();
+        let mut examples = Vec::new();
+        let mut first_options: Option<pb::GenerationOptions> = None;
+        let mut index = 0usize;
+        while let Some(example) = stream.message().await? {
+            index += 1;
+            if index > MAX_EVALUATE_EXAMPLES {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "Evaluate accepts at most {MAX_EVALUATE_EXAMPLES} examples per call"
+                ))
+                .into());
+            }
+            if index == 1 {
+                first_options.clone_from(&example.options);
+            }
+            let options = example.options.as_ref().or(first_options.as_ref());
+            let in_example = |e: ServiceError| match e {
+                ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("example {index}: {m}")),
+                other => other,
+            };
+            let valid = validate::request(&example.query, options, &self.limits).map_err(in_example)?;
+            let started = Instant::now();
+            let generation = self.generate(pool, valid.to_engine(&self.limits), deadline).await.map_err(in_example)?;
+            let took = started.elapsed();
+            latency.record(took);
+            let predicted = subqueries::split(&generation.candidates[0].text, &valid.query);
+            let scores = table.add(&predicted, &example.expected_subqueries, &example.kind);
+            examples.push(pb::EvaluatedExample {
+                query: example.query,
+                expected_subqueries: example.expected_subqueries,
+                predicted_subqueries: predicted,
+                kind: example.kind,
+                rouge_l: scores.rouge_l,
+                exact_match: scores.exact_match,
+                latency_ms: ms(took),
+            });
+        }
+        if index == 0 {
+            return Err(ServiceError::InvalidArgument("Evaluate received no examples".into()).into());
+        }
+        Ok(pb::EvaluateResponse {
+            overall: Some(table.overall().into()),
+            per_kind: table.per_kind().into_iter().map(Into::into).collect(),
+            latency: Some(latency.summary()),
+            examples,
+            model_id: pool.model_id().to_owned(),
+        })
+    }
+
+    pub async fn benchmark(
+        &self,
+        req: pb::BenchmarkRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::BenchmarkResponse, ServiceError> {
+        let pool = self.ready_pool()?;
+        if req.queries.is_empty() {
+            return Err(ServiceError::InvalidArgument("queries is empty; Benchmark needs at least one".into()));
+        }
+        let repeat = req.repeat.max(1) as usize;
+        let runs = req.queries.len().saturating_mul(repeat);
+        if runs > MAX_BENCHMARK_RUNS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "queries x repeat is {} x {repeat} = {runs}; the limit is {MAX_BENCHMARK_RUNS}",
+                req.queries.len()
+            )));
+        }
+        let warmup = req.warmup as usize;
+        if warmup > MAX_BENCHMARK_WARMUP {
+            return Err(ServiceError::InvalidArgument(format!(
+                "warmup is {warmup}; the limit is {MAX_BENCHMARK_WARMUP}"
+            )));
+        }
+        let mut queries = Vec::with_capacity(req.queries.len());
+        for (i, q) in req.queries.iter().enumerate() {
+            queries.push(validate::query(q, &self.limits).map_err(|e| match e {
+                ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("queries[{i}]: {m}")),
+                other => other,
+            })?);
+        }
+        let (params, truncate) =
+            validate::options(req.options.as_ref().unwrap_or(&pb::GenerationOptions::default()), &self.limits)?;
+        let template =
+            GenerateRequest { query: String::new(), params, max_input_tokens: self.limits.max_input_tokens, truncate };
+
+        let _permit = self.admit()?;
+        let cancel = CancelToken::new(deadline);
+        let _cancel_on_drop = cancel.cancel_on_drop();
+        let job = pool.benchmark(BenchmarkPlan { queries, repeat, warmup, template }, cancel.clone());
+        let run = match deadline {
+            None => job.await?,
+            Some(d) => tokio::time::timeout_at(d.into(), job)
+                .await
+                .map_err(|_| ServiceError::DeadlineExceeded("deadline exceeded during the benchmark".into()))??,
+        };
+
+        let mut latency = LatencyRecorder::new();
+        let (mut tokens, mut tokenize, mut encode, mut decode) = (0u64, 0.0, 0.0, 0.0);
+        for t in &run.runs {
+            latency.record(t.total);
+            tokens += t.generated_tokens as u64;
+            tokenize += ms(t.tokenize);
+            encode += ms(t.encode);
+            decode += ms(t.decode);
+        }
+        let n = run.runs.len().max(1) as f64;
+        let wall = run.wall.as_secs_f64();
+        Ok(pb::BenchmarkResponse {
+            latency: Some(latency.summary()),
+            requests: run.runs.len() as u64,
+            generated_tokens: tokens,
+            tokens_per_second: if wall > 0.0 { tokens as f64 / wall } else { 0.0 },
+            wall_seconds: wall,
+            mean_tokenize_ms: tokenize / n,
+            mean_encode_ms: encode / n,
+            mean_decode_ms: decode / n,
+            model_id: pool.model_id().to_owned(),
+        })
+    }
+}
+
+/// The wire response for one generation: best candidate's subqueries, and all candidates
+/// when more than one was asked for.
+pub fn build_response(valid: &ValidRequest, generation: &Generation, model_id: &str) -> pb::ReformulateResponse {
+    let best = &generation.candidates[0];
+    let candidates = if valid.params.search.num_return_sequences() > 1 {
+        generation
+            .candidates
+            .iter()
+            .map(|c| pb::Candidate {
+                subqueries: subqueries::split(&c.text, &valid.query),
+                text: c.text.clone(),
+                score: c.score,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let t = &generation.timings;
+    pb::ReformulateResponse {
+        subqueries: subqueries::split(&best.text, &valid.query),
+        candidates,
+        timings: Some(pb::Timings {
+            tokenize_ms: ms(t.tokenize),
+            encode_ms: ms(t.encode),
+            decode_ms: ms(t.decode),
+            total_ms: ms(t.total),
+            generated_tokens: u32::try_from(t.generated_tokens).unwrap_or(u32::MAX),
+            input_tokens: u32::try_from(t.input_tokens).unwrap_or(u32::MAX),
+            cached: false,
+        }),
+        model_id: model_id.to_owned(),
+        truncated: generation.truncated,
+    }
+}
+
+/// The tonic service: thin wrappers that log and map errors.
+#[derive(Clone)]
+pub struct ReformulatorService {
+    shared: Arc<Shared>,
+}
+
+impl ReformulatorService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn outcome<T>(&self, rpc: &str, started: Instant, result: &Result<T, ServiceError>) {
+        let c = &self.shared.counters;
+        match result {
+            Ok(_) => {
+                c.ok.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(rpc, ms = ms(started.elapsed()), "ok");
+            }
+            Err(e) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(rpc, ms = ms(started.elapsed()), error = %e, "failed");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::reformulator_server::Reformulator for ReformulatorService {
+    async fn reformulate(
+        &self,
+        request: Request<pb::ReformulateRequest>,
+    ) -> Result<Response<pb::ReformulateResponse>, Status> {
+        let received = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), received);
+        let result = self.shared.reformulate(request.into_inner(), deadline, received).await;
+        self.outcome("Reformulate", received, &result);
+        if let Ok(r) = &result {
+            let cache = self.shared.cache_stats();
+            tracing::debug!(
+                subqueries = r.subqueries.len(),
+                cached = r.timings.as_ref().is_some_and(|t| t.cached),
+                cache_hits = cache.hits,
+                cache_misses = cache.misses,
+                "reformulated"
+            );
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<Streaming<pb::EvaluateRequest>>,
+    ) -> Result<Response<pb::EvaluateResponse>, Status> {
+        let received = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), received);
+        let result = self.shared.evaluate(request.into_inner(), deadline).await;
+        match &result {
+            Ok(r) => tracing::info!(examples = r.examples.len(), ms = ms(received.elapsed()), "evaluated"),
+            Err(s) => tracing::debug!(code = ?s.code(), message = s.message(), "Evaluate failed"),
+        }
+        result.map(Response::new)
+    }
+
+    async fn benchmark(
+        &self,
+        request: Request<pb::BenchmarkRequest>,
+    ) -> Result<Response<pb::BenchmarkResponse>, Status> {
+        let received = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), received);
+        let result = self.shared.benchmark(request.into_inner(), deadline).await;
+        self.outcome("Benchmark", received, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Candidate, GenerationParams, SearchKind, Timings};
+
+    fn generation(texts: &[&str]) -> Generation {
+        Generation {
+            candidates: texts.iter().map(|t| Candidate { text: (*t).into(), score: -1.0, tokens: 3 }).collect(),
+            timings: Timings { generated_tokens: 3, input_tokens: 9, ..Timings::default() },
+            truncated: false,
+        }
+    }
+
+    fn valid(search: SearchKind) -> ValidRequest {
+        ValidRequest {
+            query: "Who lived longer, A or B?".into(),
+            params: GenerationParams { max_new_tokens: 8, search, ignore_eos: false },
+            truncate: false,
+        }
+    }
+
+    #[test]
+    fn response_splits_best_candidate_and_omits_single_candidates() {
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&["A lifespan | B lifespan"]), "m");
+        assert_eq!(r.subqueries, vec!["A lifespan", "B lifespan"]);
+        assert!(r.candidates.is_empty());
+        assert_eq!(r.model_id, "m");
+        let t = r.timings.unwrap();
+        assert_eq!((t.generated_tokens, t.input_tokens, t.cached), (3, 9, false));
+    }
+
+    #[test]
+    fn response_lists_candidates_when_several_requested() {
+        let search = SearchKind::Beam { num_beams: 2, num_return_sequences: 2 };
+        let r = build_response(&valid(search), &generation(&["x | y", " | "]), "m");
+        assert_eq!(r.candidates.len(), 2);
+        assert_eq!(r.candidates[0].subqueries, vec!["x", "y"]);
+        // An empty candidate falls back to the query.
+        assert_eq!(r.candidates[1].subqueries, vec!["Who lived longer, A or B?"]);
+    }
+}

@@ -1,0 +1,61 @@
+//! API crate of qreformulate: the generated gRPC types and stubs, the descriptor set for
+//! reflection, and the rules that server and client must share (subquery splitting and the
+//! evaluation metrics).
+
+pub mod metrics;
+pub mod subqueries;
+
+/// Generated from `proto/qreformulate/v1/reformulate.proto` (messages, client and server).
+pub mod pb {
+    tonic::include_proto!("qreformulate.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the qreformulate protos, for tonic-reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qreformulate_descriptor");
+
+/// Fully qualified gRPC service name, as health checks and reflection name it.
+pub const SERVICE_NAME: &str = "qreformulate.v1.Reformulator";
+
+impl From<metrics::MetricRow> for pb::MetricRow {
+    fn from(row: metrics::MetricRow) -> Self {
+        pb::MetricRow {
+            name: row.name,
+            examples: u32::try_from(row.examples).unwrap_or(u32::MAX),
+            exact_match: row.exact_match,
+            rouge_l: row.rouge_l,
+            count_accuracy: row.count_accuracy,
+            levenshtein: row.levenshtein,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_set_names_the_service() {
+        // The reflection service is useless if the set lacks our service; look for its name.
+        let needle = b"Reformulator";
+        assert!(FILE_DESCRIPTOR_SET.windows(needle.len()).any(|w| w == needle));
+    }
+
+    #[test]
+    fn metric_row_converts_field_by_field() {
+        let row = metrics::MetricRow {
+            name: "comparison".into(),
+            examples: 3,
+            exact_match: 0.5,
+            rouge_l: 0.25,
+            count_accuracy: 1.0,
+            levenshtein: 0.75,
+        };
+        let pb: pb::MetricRow = row.into();
+        assert_eq!(pb.name, "comparison");
+        assert_eq!(pb.examples, 3);
+        assert_eq!(pb.exact_match, 0.5);
+        assert_eq!(pb.rouge_l, 0.25);
+        assert_eq!(pb.count_accuracy, 1.0);
+        assert_eq!(pb.levenshtein, 0.75);
+    }
+}
