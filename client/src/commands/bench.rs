@@ -175,6 +175,8 @@ struct Tally {
     encode_ms: f64,
     decode_ms: f64,
     generated_tokens: u64,
+    /// Answers that ran the engine (not served from the response cache).
+    engine_runs: u64,
     cached: u64,
     model_id: String,
 }
@@ -190,6 +192,7 @@ impl Tally {
             encode_ms: 0.0,
             decode_ms: 0.0,
             generated_tokens: 0,
+            engine_runs: 0,
             cached: 0,
             model_id: String::new(),
         }
@@ -204,11 +207,16 @@ impl Tally {
                 if let Some(t) = &response.timings {
                     self.server_us
                         .saturating_record((t.total_ms * 1000.0).round().max(1.0) as u64);
-                    self.tokenize_ms += t.tokenize_ms;
-                    self.encode_ms += t.encode_ms;
-                    self.decode_ms += t.decode_ms;
-                    self.generated_tokens += u64::from(t.generated_tokens);
-                    self.cached += u64::from(t.cached);
+                    if t.cached {
+                        // A cache hit has only total_ms: keep it out of the phase means.
+                        self.cached += 1;
+                    } else {
+                        self.engine_runs += 1;
+                        self.tokenize_ms += t.tokenize_ms;
+                        self.encode_ms += t.encode_ms;
+                        self.decode_ms += t.decode_ms;
+                        self.generated_tokens += u64::from(t.generated_tokens);
+                    }
                 }
                 if self.model_id.is_empty() {
                     self.model_id.clone_from(&response.model_id);
@@ -220,8 +228,8 @@ impl Tally {
 
     fn report(&self, args: &BenchArgs, wall: Duration) -> BenchReport {
         let errors: u64 = self.errors.values().sum();
-        let timed = self.server_us.len();
-        let mean = |sum: f64| if timed > 0 { sum / timed as f64 } else { 0.0 };
+        let runs = self.engine_runs;
+        let mean = |sum: f64| if runs > 0 { sum / runs as f64 } else { 0.0 };
         BenchReport {
             mode: "client",
             model_id: self.model_id.clone(),
@@ -315,6 +323,10 @@ mod tests {
     }
 
     fn ok(ms: u64, total_ms: f64, tokens: u32) -> Sample {
+        answer(ms, total_ms, tokens, false)
+    }
+
+    fn answer(ms: u64, total_ms: f64, tokens: u32, cached: bool) -> Sample {
         Sample {
             latency: Duration::from_millis(ms),
             result: Ok(pb::ReformulateResponse {
@@ -327,7 +339,7 @@ mod tests {
                     total_ms,
                     generated_tokens: tokens,
                     input_tokens: 5,
-                    cached: false,
+                    cached,
                 }),
                 model_id: "m1".into(),
                 truncated: false,
@@ -340,23 +352,28 @@ mod tests {
         let mut tally = Tally::new();
         tally.record(&ok(10, 8.0, 4));
         tally.record(&ok(30, 20.0, 8));
+        // A cache hit counts in the latencies, not in the phase means.
+        tally.record(&answer(3, 0.5, 0, true));
         tally.record(&Sample {
             latency: Duration::from_millis(1),
             result: Err(tonic::Code::Unavailable),
         });
         let report = tally.report(&args(), Duration::from_secs(2));
-        assert_eq!(report.requests, 3);
-        assert_eq!(report.ok, 2);
+        assert_eq!(report.requests, 4);
+        assert_eq!(report.ok, 3);
+        assert_eq!(report.server.cached, 1);
         assert_eq!(report.errors, 1);
         assert_eq!(report.errors_by_code.get("UNAVAILABLE"), Some(&1));
         assert_eq!(report.concurrency, 3);
         assert_eq!(report.model_id, "m1");
-        assert!((report.throughput_rps - 1.0).abs() < 1e-9);
+        assert!((report.throughput_rps - 1.5).abs() < 1e-9);
         // The failed request's latency is not in the histogram.
-        assert_eq!(report.latency_ms.count, 2);
-        assert!((report.latency_ms.mean_ms - 20.0).abs() < 0.05, "{:?}", report.latency_ms);
-        assert!((report.latency_ms.min_ms - 10.0).abs() < 0.05);
-        assert!((report.server.latency_ms.mean_ms - 14.0).abs() < 0.05);
+        assert_eq!(report.latency_ms.count, 3);
+        assert!((report.latency_ms.mean_ms - 43.0 / 3.0).abs() < 0.05, "{:?}", report.latency_ms);
+        assert!((report.latency_ms.min_ms - 3.0).abs() < 0.05);
+        assert!((report.latency_ms.max_ms - 30.0).abs() < 0.05);
+        assert_eq!(report.server.latency_ms.count, 3);
+        assert!((report.server.latency_ms.mean_ms - 28.5 / 3.0).abs() < 0.05);
         assert!((report.server.mean_encode_ms - 1.0).abs() < 1e-9);
         assert!((report.server.mean_decode_ms - 12.5).abs() < 1e-9);
         assert!((report.server.mean_generated_tokens - 6.0).abs() < 1e-9);
