@@ -29,13 +29,15 @@ def score(predictions: list[str], examples: list[Example]) -> list[dict]:
     return [row.as_dict() for row in table.rows()]
 
 
-def predict(model: OnnxT5, queries: list[str]) -> tuple[list[str], float]:
+def predict(model: OnnxT5, queries: list[str], constrained: bool = False) -> tuple[list[str], float]:
     started = time.perf_counter()
-    out = [model.generate(q) for q in queries]
+    out = [model.generate(q, constrained=constrained) for q in queries]
     return out, (time.perf_counter() - started) * 1000 / max(len(queries), 1)
 
 
 def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, probe_size: int = 300) -> dict:
+    """model_dirs: label -> model directory; a label ending in '+ constraint' decodes with the
+    model's capitalised-word constraint (constraint.json)."""
     splits = load_splits(corpus)
     sets = {"corpus test split": splits["test"]}
     if labelled and labelled.exists():
@@ -46,19 +48,21 @@ def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, p
         report["tables"][f"echo baseline / {set_name}"] = score([ex.query for ex in examples], examples)
     for label, model_dir in model_dirs.items():
         model = OnnxT5(model_dir)
+        constrained = label.endswith("+ constraint")
+        if constrained and model.property_words is None:
+            raise SystemExit(f"{model_dir} has no constraint.json")
         for set_name, examples in sets.items():
-            preds, ms = predict(model, [ex.query for ex in examples])
+            preds, ms = predict(model, [ex.query for ex in examples], constrained)
             report["tables"][f"{label} / {set_name}"] = score(preds, examples)
             report["ms_per_query"][f"{label} / {set_name}"] = ms
             report["predictions"][f"{label} / {set_name}"] = preds
-        probe_preds, _ = predict(model, [ex.query for ex, _ in probe])
+        probe_preds, _ = predict(model, [ex.query for ex, _ in probe], constrained)
         report["unseen_entities"][label] = {
             "names": sum(len(n) for _, n in probe), "rows": len(probe),
             "copied_exactly": copy_rate(probe, probe_preds),
         }
-    labels = list(model_dirs)
-    if len(labels) == 2:
-        a, b = labels
+    if "fp32" in model_dirs and "int8" in model_dirs:
+        a, b = "fp32", "int8"
         for set_name in sets:
             pa, pb = report["predictions"][f"{a} / {set_name}"], report["predictions"][f"{b} / {set_name}"]
             report.setdefault("agreement", {})[set_name] = sum(x == y for x, y in zip(pa, pb)) / max(len(pa), 1)
@@ -91,10 +95,12 @@ def main(argv=None) -> None:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--labelled", type=Path, default=DEFAULT_LABELLED, help="the project's labelled test set")
     p.add_argument("--json", type=Path, help="also write the full report (with predictions) here")
+    p.add_argument("--constrained", action="store_true", help="also evaluate with the capitalised-word constraint")
     args = p.parse_args(argv)
-    models = {"int8": args.model}
-    if args.fp32:
-        models = {"fp32": args.fp32, "int8": args.model}
+    models = {"fp32": args.fp32} if args.fp32 else {}
+    models["int8"] = args.model
+    if args.constrained:
+        models["int8 + constraint"] = args.model
     report = evaluate(models, args.corpus, args.labelled)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -12,6 +12,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .constraint import FILE_NAME as CONSTRAINT_FILE, WordConstraint
+
 
 class OnnxT5:
     def __init__(self, model_dir: Path | str, threads: int = 1):
@@ -35,8 +37,21 @@ class OnnxT5:
         self.eos_id = config.get("eos_token_id", 1)
         self.first_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_outputs = [o.name for o in self.decoder_past.get_outputs()]
+        constraint_file = model_dir / CONSTRAINT_FILE
+        self.property_words, self.top_k = None, 8
+        if constraint_file.exists():
+            spec = json.loads(constraint_file.read_text())
+            self.property_words, self.top_k = spec["property_words"], spec.get("top_k", 8)
+            self.pieces = [self.tokenizer.id_to_token(i) or "" for i in range(self.tokenizer.get_vocab_size())]
 
-    def generate_ids(self, input_ids: list[int], max_new_tokens: int = 64, ignore_eos: bool = False) -> list[int]:
+    def constraint_for(self, query: str):
+        """The model's capitalised-word constraint for this query, or None when it ships none."""
+        if self.property_words is None:
+            return None
+        return WordConstraint(self.pieces, self.property_words, query, self.eos_id, self.top_k)
+
+    def generate_ids(self, input_ids: list[int], max_new_tokens: int = 64, ignore_eos: bool = False,
+                     constraint: WordConstraint | None = None) -> list[int]:
         ids = np.asarray([input_ids], dtype=np.int64)
         mask = np.ones_like(ids)
         hidden = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
@@ -51,7 +66,7 @@ class OnnxT5:
         logits = named["logits"]
         generated: list[int] = []
         for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
+            token = constraint.choose(logits[0, -1]) if constraint else int(logits[0, -1].argmax())
             if token == self.eos_id and not ignore_eos:
                 break
             generated.append(token)
@@ -66,6 +81,8 @@ class OnnxT5:
                     cache[name.replace("present.", "past_key_values.")] = value
         return generated
 
-    def generate(self, query: str, max_new_tokens: int = 64) -> str:
+    def generate(self, query: str, max_new_tokens: int = 64, constrained: bool = False) -> str:
         ids = self.tokenizer.encode(query).ids
-        return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens), skip_special_tokens=True)
+        constraint = self.constraint_for(query) if constrained else None
+        out = self.generate_ids(ids, max_new_tokens, constraint=constraint)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
