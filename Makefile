@@ -30,6 +30,12 @@ runtime:
 build: runtime
 	cargo build --release --workspace
 
+## Compare qserver with PyTorch, Optimum ORT, CTranslate2 and a Python ORT loop on the same
+## models and queries; rewrites docs/benchmarks.{md,json,png}. Options: ARGS="--base --queries 60".
+bench-peers: runtime venv
+	cargo build --release -p qserver -p qclient
+	$(VENV_PY) bench/peers.py $(ARGS)
+
 # The model pipeline's Python environment (pinned).
 venv: $(VENV)/.installed
 $(VENV)/.installed: train/requirements.txt

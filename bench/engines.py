@@ -1,0 +1,240 @@
+"""The in-process peer engines of the benchmark, one class each, behind one interface.
+
+Every engine takes the query text, tokenizes it with the model's own tokenizer.json (the
+`tokenizers` library, as the server does), generates greedily on one thread, and decodes the
+answer back to text; the timed span is that whole text-in, text-out call.
+
+    engine.run(queries) -> [(latency_ms, generated_tokens), ...]
+
+`generated_tokens` counts the new tokens, end-of-sequence excluded. With `fixed=True` every
+engine is made to generate exactly `max_new_tokens` tokens (EOS ignored or suppressed), and
+`run` raises if one does not.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "train") not in sys.path:
+    sys.path.insert(0, str(REPO / "train"))
+
+from tokenizers import Tokenizer  # noqa: E402
+
+EOS_ID = 1
+START_ID = 0
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Engine:
+    """A peer engine measured in this Python process."""
+
+    name = "engine"
+    #: What the reader needs to know to reproduce it (one line for the report).
+    detail = ""
+
+    def __init__(self, tokenizer_path: Path, max_new_tokens: int, fixed: bool):
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.max_new_tokens = max_new_tokens
+        self.fixed = fixed
+
+    def generate_ids(self, input_ids: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def answer(self, query: str) -> tuple[str, int]:
+        ids = self.tokenizer.encode(query).ids
+        out = self.generate_ids(ids)
+        return self.tokenizer.decode(out, skip_special_tokens=True), len(out)
+
+    def run(self, queries: list[str]) -> list[tuple[float, int]]:
+        samples = []
+        for query in queries:
+            start = time.perf_counter()
+            _, tokens = self.answer(query)
+            samples.append(((time.perf_counter() - start) * 1000.0, tokens))
+            if self.fixed and tokens != self.max_new_tokens:
+                raise EngineError(
+                    f"{self.name} generated {tokens} tokens instead of the forced {self.max_new_tokens} "
+                    f"for {query!r}")
+        return samples
+
+    def close(self) -> None:
+        gc.collect()
+
+    # Shared by the Hugging Face style engines.
+    def _trim(self, new_ids: list[int]) -> list[int]:
+        if self.fixed:
+            return new_ids
+        if EOS_ID in new_ids:
+            new_ids = new_ids[: new_ids.index(EOS_ID)]
+        return new_ids
+
+
+def _generation_config(model_dir: Path, max_new_tokens: int, fixed: bool):
+    from transformers import GenerationConfig
+
+    config = dict(
+        decoder_start_token_id=START_ID, eos_token_id=EOS_ID, pad_token_id=0,
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    )
+    if fixed:
+        config["min_new_tokens"] = max_new_tokens
+    return GenerationConfig(**config)
+
+
+class PyTorchEngine(Engine):
+    name = "PyTorch generate (fp32)"
+
+    def __init__(self, checkpoint: Path, max_new_tokens: int, fixed: bool):
+        super().__init__(checkpoint / "tokenizer.json", max_new_tokens, fixed)
+        import torch
+        from transformers import T5ForConditionalGeneration
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = T5ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.config = _generation_config(checkpoint, max_new_tokens, fixed)
+        self.detail = (f"transformers `generate`, torch {torch.__version__}, fp32 weights, "
+                       f"torch.set_num_threads(1), greedy, KV cache")
+
+    def generate_ids(self, input_ids):
+        torch = self.torch
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=self.config)
+        return self._trim(out[0, 1:].tolist())
+
+    def close(self):
+        del self.model
+        super().close()
+
+
+class OptimumEngine(Engine):
+    def __init__(self, onnx_dir: Path, label: str, max_new_tokens: int, fixed: bool):
+        super().__init__(onnx_dir / "tokenizer.json", max_new_tokens, fixed)
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.model = ORTModelForSeq2SeqLM.from_pretrained(
+            onnx_dir, use_cache=True, use_merged=False, session_options=options,
+            provider="CPUExecutionProvider",
+        )
+        self.config = _generation_config(onnx_dir, max_new_tokens, fixed)
+        self.name = f"Optimum ORT ({label})"
+        self.detail = (f"`ORTModelForSeq2SeqLM.generate` on `{_rel(onnx_dir)}`, onnxruntime {ort.__version__}, "
+                       "use_cache=True, split decoders (no merged), intra_op_num_threads=1")
+
+    def generate_ids(self, input_ids):
+        torch = self.torch
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=self.config)
+        return self._trim(out[0, 1:].tolist())
+
+    def close(self):
+        del self.model
+        super().close()
+
+
+class CTranslate2Engine(Engine):
+    name = "CTranslate2 (int8_float32)"
+
+    def __init__(self, ct2_dir: Path, tokenizer_path: Path, max_new_tokens: int, fixed: bool):
+        super().__init__(tokenizer_path, max_new_tokens, fixed)
+        import ctranslate2
+
+        self.translator = ctranslate2.Translator(
+            str(ct2_dir), device="cpu", compute_type="int8_float32", intra_threads=1, inter_threads=1)
+        self.options = dict(beam_size=1, max_decoding_length=max_new_tokens)
+        if fixed:
+            self.options["min_decoding_length"] = max_new_tokens
+        self.detail = (f"ctranslate2 {ctranslate2.__version__} `Translator.translate_batch` (batch of 1) on "
+                       f"`{_rel(ct2_dir)}` (TransformersConverter, fp32 load, int8_float32), compute_type "
+                       "int8_float32, intra_threads=1, beam_size=1, tokens from tokenizer.json; "
+                       f"GEMM backend: {_ct2_backend()}")
+
+    def generate_ids(self, input_ids):
+        source = [self.tokenizer.id_to_token(i) for i in input_ids]
+        result = self.translator.translate_batch([source], **self.options)
+        tokens = result[0].hypotheses[0]  # end token excluded
+        ids = [self.tokenizer.token_to_id(t) for t in tokens]
+        # Ids past our tokenizer (a flan-t5-sized embedding padded with <extra_id_*>) decode to nothing.
+        return [i if i is not None else 2 for i in ids]
+
+    def close(self):
+        del self.translator
+        super().close()
+
+
+class OnnxLoopEngine(Engine):
+    name = "Python ORT loop (int8)"
+
+    def __init__(self, onnx_dir: Path, max_new_tokens: int, fixed: bool):
+        super().__init__(onnx_dir / "tokenizer.json", max_new_tokens, fixed)
+        import onnxruntime as ort
+        from qr_train.onnx_loop import OnnxT5
+
+        self.model = OnnxT5(onnx_dir, threads=1)
+        self.detail = (f"`qr_train.onnx_loop.OnnxT5` (hand-written greedy loop, numpy) on `{_rel(onnx_dir)}`, "
+                       f"onnxruntime {ort.__version__}, 1 intra-op thread")
+
+    def generate_ids(self, input_ids):
+        return self.model.generate_ids(input_ids, self.max_new_tokens, ignore_eos=self.fixed)
+
+    def close(self):
+        del self.model
+        super().close()
+
+
+def convert_ctranslate2(checkpoint: Path, out_dir: Path) -> Path:
+    """CTranslate2's TransformersConverter on the PyTorch checkpoint, loaded as fp32, quantized int8_float32.
+
+    The vocabulary comes from the checkpoint's tokenizer.json (ids unchanged), padded with
+    <extra_id_*> up to the model's vocab size, as the converter does for T5.
+    """
+    import torch
+    from ctranslate2.converters import TransformersConverter
+    from transformers import PreTrainedTokenizerFast
+
+    class Converter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            kwargs["dtype"] = torch.float32  # the converter would keep the checkpoint's fp16
+            return model_class.from_pretrained(model_name_or_path, **kwargs)
+
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return PreTrainedTokenizerFast(
+                tokenizer_file=str(Path(model_name_or_path) / "tokenizer.json"),
+                pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+    Converter(str(checkpoint)).convert(str(out_dir), quantization="int8_float32", force=True)
+    return out_dir
+
+
+def _ct2_backend() -> str:
+    """CTranslate2 uses Intel MKL on Intel CPUs only and oneDNN elsewhere (its CT2_VERBOSE log says which)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read(4096)
+    except OSError:
+        return "unknown"
+    return "Intel MKL" if intel else "oneDNN (MKL is not used on non-Intel CPUs)"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
