@@ -57,6 +57,10 @@ pub enum Command {
     /// Reformulate the given queries (or one query per stdin line when none are given).
     Reformulate(ReformulateArgs),
     /// Replay the queries of a file against the server and report latency and throughput.
+    ///
+    /// A query sent again (cycling with --requests, or after --warmup) may be answered from
+    /// the server's response cache; the report counts those cache hits. To measure the model
+    /// on every request, run qserver with --cache-capacity 0, or use --server-side.
     Bench(BenchArgs),
     /// Stream a labelled JSONL file to the server's Evaluate RPC and print the metric table.
     Eval(EvalArgs),

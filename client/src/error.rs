@@ -63,7 +63,7 @@ impl ClientError {
     pub fn rpc(rpc: &'static str, status: tonic::Status) -> Self {
         ClientError::Rpc {
             rpc,
-            status: Box::new(status),
+            status: Box::new(normalise(status)),
         }
     }
 
@@ -77,6 +77,25 @@ impl ClientError {
     /// True when stdout was closed by the reader (`qclient ... | head`): not worth an error.
     pub fn is_broken_pipe(&self) -> bool {
         matches!(self, ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// tonic reports the client's own deadline (`--timeout-ms`) as CANCELLED "Timeout expired";
+/// gRPC calls that DEADLINE_EXCEEDED, whichever side noticed first.
+pub fn normalise(status: tonic::Status) -> tonic::Status {
+    if status.code() != Code::Cancelled {
+        return status;
+    }
+    let mut timed_out = status.message() == "Timeout expired";
+    let mut source = status.source();
+    while let Some(e) = source {
+        timed_out |= e.is::<tonic::TimeoutExpired>();
+        source = e.source();
+    }
+    if timed_out {
+        tonic::Status::deadline_exceeded("the deadline (--timeout-ms) passed before the answer came")
+    } else {
+        status
     }
 }
 
@@ -162,6 +181,17 @@ mod tests {
             err.to_string(),
             "Reformulate failed: INVALID_ARGUMENT: query is empty (after trimming)"
         );
+    }
+
+    #[test]
+    fn client_side_timeout_becomes_deadline_exceeded() {
+        let err = ClientError::rpc("Reformulate", tonic::Status::cancelled("Timeout expired"));
+        assert_eq!(
+            err.to_string(),
+            "Reformulate failed: DEADLINE_EXCEEDED: the deadline (--timeout-ms) passed before the answer came"
+        );
+        let other = ClientError::rpc("Reformulate", tonic::Status::cancelled("client went away"));
+        assert_eq!(other.to_string(), "Reformulate failed: CANCELLED: client went away");
     }
 
     #[test]

@@ -294,7 +294,8 @@ impl AnswerJson {
         AnswerJson {
             query: query.to_string(),
             subqueries: response.subqueries.clone(),
-            latency_ms: latency.as_secs_f64() * 1000.0,
+            // Whole microseconds: no float noise in the JSON.
+            latency_ms: latency.as_micros() as f64 / 1000.0,
             server: response.timings.as_ref().map(TimingsJson::from),
             model_id: response.model_id.clone(),
             truncated: response.truncated,
@@ -443,6 +444,19 @@ pub fn columns(rows: &[Vec<String>]) -> Vec<String> {
         .collect()
 }
 
+/// Label/value lines: both columns left-aligned.
+pub fn pairs(rows: &[Vec<String>]) -> Vec<String> {
+    let label = rows.iter().map(|r| r.first().map_or(0, |c| width(c))).max().unwrap_or(0);
+    rows.iter()
+        .map(|row| {
+            let first = row.first().map_or("", String::as_str);
+            let rest = row[1.min(row.len())..].join("  ");
+            let pad = " ".repeat(label - width(first));
+            format!("{first}{pad}  {rest}").trim_end().to_string()
+        })
+        .collect()
+}
+
 pub fn ms(value: f64) -> String {
     format!("{value:.2}")
 }
@@ -469,7 +483,7 @@ pub fn render_bench(report: &BenchReport) -> String {
     } else {
         format!("{} connections", report.connections)
     };
-    let summary = columns(&[
+    let summary = pairs(&[
         vec!["model".into(), or_dash(&report.model_id)],
         vec![
             "requests".into(),
@@ -498,7 +512,7 @@ pub fn render_bench(report: &BenchReport) -> String {
         latency.push(vec![label.to_string(), ms(client), ms(server)]);
     }
     let server = &report.server;
-    let phases = columns(&[
+    let phases = pairs(&[
         vec!["tokenize".into(), format!("{} ms", ms(server.mean_tokenize_ms))],
         vec!["encode".into(), format!("{} ms", ms(server.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(server.mean_decode_ms))],
@@ -523,7 +537,7 @@ pub fn render_bench(report: &BenchReport) -> String {
 
 /// The results box of `bench --server-side`.
 pub fn render_server_bench(report: &ServerBenchReport) -> String {
-    let summary = columns(&[
+    let summary = pairs(&[
         vec!["model".into(), or_dash(&report.model_id)],
         vec!["requests".into(), report.requests.to_string()],
         vec!["warm-up".into(), format!("{} requests", report.warmup)],
@@ -538,7 +552,7 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
     for (label, value) in report.latency_ms.rows() {
         latency.push(vec![label.to_string(), ms(value)]);
     }
-    let phases = columns(&[
+    let phases = pairs(&[
         vec!["tokenize".into(), format!("{} ms", ms(report.mean_tokenize_ms))],
         vec!["encode".into(), format!("{} ms", ms(report.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(report.mean_decode_ms))],
@@ -590,7 +604,7 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
             .chain(latency.rows().iter().map(|(_, v)| ms(*v)))
             .collect(),
     ]);
-    let mut sections = vec![
+    let sections = vec![
         Section::new(None, vec![format!("model {}", or_dash(&report.model_id))]),
         Section::new(Some("metrics"), columns(&rows)),
         Section::new(
@@ -598,6 +612,8 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
             latency_lines,
         ),
     ];
+    let mut out = render_box("qclient eval", &sections);
+    // Examples go below the box: long queries would make it as wide as the longest one.
     let wrong: Vec<&ExampleResult> = report
         .examples
         .iter()
@@ -605,21 +621,21 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
         .take(mismatches)
         .collect();
     if !wrong.is_empty() {
-        let mut lines = Vec::new();
+        out.push_str(&format!("\nmismatches (first {}):\n", wrong.len()));
         for example in wrong {
-            lines.push(format!("query     {}", example.query));
-            lines.push(format!("expected  {}", example.expected.join(" | ")));
-            lines.push(format!(
-                "predicted {}   (ROUGE-L {})",
+            out.push_str(&format!("\n  query      {}\n", example.query));
+            if !example.kind.is_empty() {
+                out.push_str(&format!("  kind       {}\n", example.kind));
+            }
+            out.push_str(&format!("  expected   {}\n", example.expected.join(" | ")));
+            out.push_str(&format!(
+                "  predicted  {}   (ROUGE-L {})\n",
                 example.predicted.join(" | "),
                 score(example.rouge_l)
             ));
-            lines.push(String::new());
         }
-        lines.pop();
-        sections.push(Section::new(Some("mismatches"), lines));
     }
-    render_box("qclient eval", &sections)
+    out
 }
 
 fn or_dash(text: &str) -> String {
@@ -732,6 +748,15 @@ mod tests {
             vec!["median".into(), "12.25".into()],
         ]);
         assert_eq!(lines, vec!["        client", "mean      1.50", "median   12.25"]);
+    }
+
+    #[test]
+    fn pairs_align_labels_and_left_align_values() {
+        let lines = pairs(&[
+            vec!["model".into(), "m".into()],
+            vec!["wall time".into(), "0.5 s".into()],
+        ]);
+        assert_eq!(lines, vec!["model      m", "wall time  0.5 s"]);
     }
 
     #[test]
@@ -868,8 +893,9 @@ mod tests {
         assert!(lines[header + 3].contains("chaining"), "{text}");
         assert!(lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"), "{text}");
         assert!(text.contains("latency over 2 examples"), "{text}");
-        assert!(text.contains("expected  x | y"), "{text}");
-        assert!(!text.contains("query     good"), "{text}");
+        assert!(text.contains("\n  expected   x | y\n"), "{text}");
+        assert!(text.contains("\n  kind       chaining\n"), "{text}");
+        assert!(!text.contains("query      good"), "{text}");
         assert!(!render_eval(&report, 0).contains("mismatches"));
     }
 }

@@ -19,7 +19,7 @@ use super::print;
 use crate::cli::BenchArgs;
 use crate::connect::Target;
 use crate::dataset;
-use crate::error::{code_name, ClientError};
+use crate::error::{code_name, normalise, ClientError};
 use crate::report::{
     micros_histogram, rate, render_bench, render_server_bench, BenchReport, Latency,
     ServerBenchReport, ServerTimings,
@@ -147,7 +147,7 @@ impl Plan {
                     let result = client.reformulate(request).await;
                     let sample = Sample {
                         latency: start.elapsed(),
-                        result: result.map(|r| r.into_inner()).map_err(|s| s.code()),
+                        result: result.map(|r| r.into_inner()).map_err(|s| normalise(s).code()),
                     };
                     if tx.send(sample).is_err() {
                         break;

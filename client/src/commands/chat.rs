@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use super::{print, reformulate_once};
 use crate::cli::ChatArgs;
 use crate::connect::Target;
-use crate::error::{ClientError, StatusLine};
+use crate::error::ClientError;
 use crate::report::render_answer;
 
 const HELP: &str = "Type a question and press Enter. :quit (or :q, :exit, end of input) leaves.\n";
@@ -53,7 +53,7 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
             Err(status) => {
                 // One failed question does not end the conversation.
                 failures += 1;
-                eprintln!("qclient: error: Reformulate failed: {}", StatusLine(&status));
+                eprintln!("qclient: error: {}", ClientError::rpc("Reformulate", status));
             }
         }
     }
