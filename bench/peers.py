@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from server import QServer, ServerError, install_sigterm_handler, version  # noq
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 ENGINE_KEYS = ("ours-grpc", "ours-inproc", "pytorch", "optimum-fp32", "optimum-int8", "ct2", "loop")
 DONE = ".complete"
+CONSTRAINT_FILE = "constraint.json"  # qr_train.constraint.FILE_NAME: read by qserver, not by the peers
 
 
 def log(msg: str) -> None:
@@ -129,6 +131,17 @@ def ensure_random_model(shape: str, root: Path) -> dict:
     return files
 
 
+def without_constraint(model_dir: Path, out: Path) -> Path:
+    """A directory of symbolic links to model_dir's files, constraint.json left out."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != CONSTRAINT_FILE:
+            (out / f.name).symlink_to(f.resolve())
+    return out
+
+
 def check_same_shapes(onnx_dir: Path, checkpoint: Path) -> str | None:
     keys = ("d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads", "vocab_size")
     a = json.loads((onnx_dir / "config.json").read_text())
@@ -201,24 +214,38 @@ def check_fixed(section: Section, name: str, stats: dict) -> None:
 
 
 def measure_ours(section: Section, args, model_dir: Path, queries: list[str], query_file: Path, work: Path,
-                 wanted: set[str]) -> None:
-    if not wanted & {"ours-grpc", "ours-inproc"}:
-        return
+                 wanted: set[str], constrained: bool = False) -> None:
+    """qserver (1 worker, 1 thread, no cache) on model_dir: over gRPC and through the Benchmark RPC.
+
+    constrained=True is the model directory as shipped, constraint.json included: one extra gRPC row.
+    """
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
     if section.fixed:
         flags.append("--ignore-eos")
     server_args = ["--workers", "1", "--intra-op-threads", "1", "--cache-capacity", "0"]
     detail_cmd = f"`qserver --workers 1 --intra-op-threads 1 --cache-capacity 0 --model {rel(model_dir)}`"
-    runs = [("ours-grpc", "qserver (gRPC, end to end)", ["--concurrency", "1"],
-             f"{detail_cmd}, driven by `qclient bench --concurrency 1 {' '.join(flags)}` over loopback gRPC"),
-            ("ours-inproc", "qserver (in-process, Benchmark RPC)", ["--server-side"],
-             f"the same server, `qclient bench --server-side {' '.join(flags)}`: timed inside the server, no network")]
-    runs = [r for r in runs if r[0] in wanted]
+    if constrained:
+        runs = [("ours-grpc-constraint", "qserver (gRPC, shipped dir with constraint.json)", ["--concurrency", "1"],
+                 f"{detail_cmd}: the model directory as shipped, so qserver applies the capitalised-word "
+                 f"constraint of its constraint.json (the peers decode plain greedy); "
+                 f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
+        if "ours-grpc" not in wanted:
+            return
+    else:
+        runs = [("ours-grpc", "qserver (gRPC, end to end)", ["--concurrency", "1"],
+                 f"{detail_cmd}, driven by `qclient bench --concurrency 1 {' '.join(flags)}` over loopback gRPC"),
+                ("ours-inproc", "qserver (in-process, Benchmark RPC)", ["--server-side"],
+                 f"the same server, `qclient bench --server-side {' '.join(flags)}`: timed inside the server, "
+                 "no network")]
+        runs = [r for r in runs if r[0] in wanted]
+    if not runs:
+        return
+    tag = section.data["key"] + ("-constraint" if constrained else "")
     try:
         with QServer(args.qserver, args.qclient, model_dir, server_args,
-                     work / "logs" / f"qserver-{section.data['key']}.log", args.health_timeout) as server:
-            log(f"{section.data['key']}: qserver up at {server.addr}")
-            if not section.fixed and args.compare_answers:
+                     work / "logs" / f"qserver-{tag}.log", args.health_timeout) as server:
+            log(f"{tag}: qserver up at {server.addr}")
+            if not section.fixed and not constrained and args.compare_answers:
                 try:  # the reference answers the other engines' outputs are compared with
                     section.reference = (queries[: args.compare_answers], server.reformulate(
                         queries[: args.compare_answers], "--max-new-tokens", str(section.max_new_tokens)))
@@ -280,7 +307,11 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
     import engines
 
     n, fixed = section.max_new_tokens, section.fixed
-    measure_ours(section, args, files["int8"], queries, query_file, work, wanted)
+    # qserver reads constraint.json when the model directory has one; the peers cannot. For equal work
+    # it runs on a copy without it (files["server"]), and once more on the directory as shipped.
+    measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted)
+    if files.get("server"):
+        measure_ours(section, args, files["int8"], queries, query_file, work, wanted, constrained=True)
     peers = [
         ("pytorch", "PyTorch generate (fp32)", "checkpoint",
          lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed)),
@@ -526,6 +557,13 @@ def main(argv=None) -> int:
             shipped[f"{k}_missing"] = missing
         notes.append(missing + ": PyTorch, Optimum fp32 and CTranslate2 were not measured on this model "
                      "(pass --checkpoint DIR).")
+    shipped_dir_key = hashlib.sha256(str(args.model.resolve()).encode()).hexdigest()[:8]
+    if (args.model / CONSTRAINT_FILE).exists():
+        shipped["server"] = without_constraint(args.model.resolve(), work / f"plain-{shipped_dir_key}" / args.model.name)
+        notes.append(f"`{rel(args.model)}` ships a {CONSTRAINT_FILE} (capitalised-word constraint), which qserver "
+                     "applies and the peers cannot. The rows *qserver (gRPC, end to end)* and *qserver (in-process)* run "
+                     f"on a copy of the directory without it (`{rel(shipped['server'])}`, plain greedy like every "
+                     "peer); the row *qserver (gRPC, shipped dir with constraint.json)* is the directory as shipped.")
     title = f"Shipped model `{rel(args.model)}`"
     section = Section("shipped", title, f"shipped model ({rel(args.model)}), natural length",
                       f"{describe_model(args.model)}. Natural-length greedy decoding, at most "
