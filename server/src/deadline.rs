@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
-/// How much earlier than the client's deadline the service gives up, so that its own
-/// DEADLINE_EXCEEDED reaches the client before tonic's timeout fires.
-const MARGIN: Duration = Duration::from_millis(2);
+/// The service gives up a tenth of the client's timeout early (1 to 20 ms), so that its
+/// DEADLINE_EXCEEDED is on the wire before the client's own timer fires: tonic clients
+/// enforce `grpc-timeout` locally too and report CANCELLED "Timeout expired" when they win.
+fn margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(20)).min(timeout / 2)
+}
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -35,7 +38,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// The instant the service must answer by, if the client set a timeout.
 pub fn from_metadata(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
     let timeout = metadata.get("grpc-timeout")?.to_str().ok().and_then(parse_grpc_timeout)?;
-    Some(received + timeout.saturating_sub(MARGIN.min(timeout / 2)))
+    Some(received + timeout.saturating_sub(margin(timeout)))
 }
 
 #[cfg(test)]
@@ -65,7 +68,10 @@ mod tests {
         let mut md = MetadataMap::new();
         assert_eq!(from_metadata(&md, now), None);
         md.insert("grpc-timeout", "100m".parse().unwrap());
-        let d = from_metadata(&md, now).unwrap();
-        assert!(d < now + Duration::from_millis(100) && d >= now + Duration::from_millis(97));
+        assert_eq!(from_metadata(&md, now), Some(now + Duration::from_millis(90)));
+        md.insert("grpc-timeout", "10S".parse().unwrap());
+        assert_eq!(from_metadata(&md, now), Some(now + Duration::from_millis(9980)));
+        md.insert("grpc-timeout", "1m".parse().unwrap());
+        assert_eq!(from_metadata(&md, now), Some(now + Duration::from_micros(500)));
     }
 }

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "qserver failed");
+            // One line, no backtrace: these are configuration and environment errors.
             eprintln!("qserver: {e}");
             ExitCode::FAILURE
         }

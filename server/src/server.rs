@@ -174,7 +174,7 @@ pub async fn serve(
     };
 
     stats_logger.abort();
-    shared.stop_pool();
+    shared.stop_pool().await;
     if !loader.is_finished() {
         // Shut down while loading: the loader finishes in the background and its pool is
         // dropped (stopped) with the last reference to `shared`.

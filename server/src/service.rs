@@ -80,10 +80,12 @@ impl Shared {
         self.shutting_down.store(true, Ordering::Relaxed);
     }
 
-    /// Stops the engine workers (after the drain).
-    pub fn stop_pool(&self) {
+    /// Stops the engine workers (after the drain) and waits a little for their threads.
+    pub async fn stop_pool(&self) {
         if let Some(pool) = self.pool.get() {
-            pool.stop();
+            if !pool.shutdown(std::time::Duration::from_secs(5)).await {
+                tracing::warn!("engine workers still busy 5 s after stop");
+            }
         }
     }
 

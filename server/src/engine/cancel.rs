@@ -15,11 +15,19 @@ use super::EngineError;
 pub struct CancelToken {
     deadline: Option<Instant>,
     cancelled: Arc<AtomicBool>,
+    /// A second, shared flag (the worker pool's stop flag) that cancels too.
+    linked: Option<Arc<AtomicBool>>,
 }
 
 impl CancelToken {
     pub fn new(deadline: Option<Instant>) -> Self {
-        Self { deadline, cancelled: Arc::default() }
+        Self { deadline, cancelled: Arc::default(), linked: None }
+    }
+
+    /// This token, also cancelled once `flag` is set.
+    pub fn linked_to(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.linked = Some(flag);
+        self
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -31,7 +39,7 @@ impl CancelToken {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.cancelled.load(Ordering::Relaxed) || self.linked.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// `Err` once cancelled or past the deadline; `generated` goes into the error for logs.
@@ -79,6 +87,15 @@ mod tests {
     fn past_deadline_fails() {
         let t = CancelToken::new(Some(Instant::now()));
         assert!(matches!(t.check(7), Err(EngineError::DeadlineExceeded { generated: 7 })));
+    }
+
+    #[test]
+    fn linked_flag_cancels() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let t = CancelToken::new(None).linked_to(Arc::clone(&flag));
+        assert!(t.check(0).is_ok());
+        flag.store(true, Ordering::Relaxed);
+        assert!(matches!(t.check(0), Err(EngineError::Cancelled)));
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        mpsc, Arc, Mutex,
     },
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -56,7 +56,9 @@ pub struct EnginePool {
     tx: Sender<Job>,
     size: usize,
     model_id: String,
+    /// Set by `stop`: queued jobs are refused and running ones cancelled at their next step.
     aborted: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl EnginePool {
@@ -67,12 +69,13 @@ impl EnginePool {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let aborted = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(size);
         for i in 0..size {
             let rx = rx.clone();
             let factory = Arc::clone(&factory);
             let ready_tx = ready_tx.clone();
             let warmup = warmup.clone();
-            let aborted = Arc::clone(&aborted);
+            let worker_aborted = Arc::clone(&aborted);
             let spawned = thread::Builder::new().name(format!("qserver-engine-{i}")).spawn(move || {
                 let engine = match factory(i) {
                     Ok(engine) => engine,
@@ -81,10 +84,14 @@ impl EnginePool {
                         return;
                     }
                 };
-                worker(i, engine, rx, ready_tx, warmup, aborted);
+                worker(i, engine, rx, ready_tx, warmup, worker_aborted);
             });
-            if let Err(e) = spawned {
-                return Err(ModelError::Load { file: "engine worker thread".into(), reason: e.to_string() });
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    aborted.store(true, Ordering::Relaxed);
+                    return Err(ModelError::Load { file: "engine worker thread".into(), reason: e.to_string() });
+                }
             }
         }
         drop(ready_tx);
@@ -107,7 +114,7 @@ impl EnginePool {
                 }
             }
         }
-        Ok(Self { tx, size, model_id, aborted })
+        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads) })
     }
 
     pub fn size(&self) -> usize {
@@ -139,11 +146,30 @@ impl EnginePool {
         self.tx.send(job).map_err(|_| EngineError::Unavailable("engine workers have stopped".into()))
     }
 
-    /// Stops the workers: queued jobs are answered `Unavailable`, a running one finishes.
+    /// Stops the workers: queued jobs are answered `Unavailable`, running ones are cancelled
+    /// at their next decode step.
     pub fn stop(&self) {
         self.aborted.store(true, Ordering::Relaxed);
         for _ in 0..self.size {
             let _ = self.tx.send(Job::Stop);
+        }
+    }
+
+    /// `stop`, then waits up to `wait` for the worker threads to exit, so that no ONNX
+    /// Runtime call is still running when the process exits. True when all have exited.
+    pub async fn shutdown(&self, wait: Duration) -> bool {
+        self.stop();
+        let deadline = Instant::now() + wait;
+        loop {
+            let finished = {
+                let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+                threads.retain(|t| !t.is_finished());
+                threads.is_empty()
+            };
+            if finished || Instant::now() >= deadline {
+                return finished;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
@@ -187,7 +213,7 @@ fn worker(
                 let result = if aborted.load(Ordering::Relaxed) {
                     Err(shutting_down())
                 } else {
-                    run_guarded(engine.as_mut(), &req, &cancel)
+                    run_guarded(engine.as_mut(), &req, &cancel.linked_to(Arc::clone(&aborted)))
                 };
                 let _ = reply.send(result);
             }
@@ -195,7 +221,7 @@ fn worker(
                 let result = if aborted.load(Ordering::Relaxed) {
                     Err(shutting_down())
                 } else {
-                    run_benchmark(engine.as_mut(), &plan, &cancel)
+                    run_benchmark(engine.as_mut(), &plan, &cancel.linked_to(Arc::clone(&aborted)))
                 };
                 let _ = reply.send(result);
             }
@@ -325,9 +351,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stopped_pool_is_unavailable() {
-        let pool = pool(1);
-        pool.stop();
+    async fn stopped_pool_is_unavailable_and_its_threads_exit() {
+        let pool = pool(2);
+        assert!(pool.shutdown(Duration::from_secs(10)).await, "workers did not exit");
         assert!(matches!(pool.generate(request("a"), CancelToken::new(None)).await, Err(EngineError::Unavailable(_))));
     }
 }

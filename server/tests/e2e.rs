@@ -1,0 +1,349 @@
+//! End-to-end tests: the real server, the real model files and ONNX Runtime, spoken to
+//! through the generated gRPC client. Model output is not asserted (the model may be a
+//! random test model or the trained one); structure, limits and behaviour are.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, shared_server, TestServer};
+use qreformulate::pb::{self, GenerationOptions, ReformulateRequest};
+use tonic::{Code, Request, Status};
+
+const QUERY: &str = "Who lived longer, Nikola Tesla or Milutin Milankovic?";
+
+fn request(query: &str, options: GenerationOptions) -> ReformulateRequest {
+    ReformulateRequest { query: query.into(), options: Some(options) }
+}
+
+/// Asserts INVALID_ARGUMENT whose message contains every needle.
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Status>, needles: &[&str]) {
+    let status = result.expect_err("expected INVALID_ARGUMENT, got a response");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    for n in needles {
+        assert!(status.message().contains(n), "message {:?} lacks {n:?}", status.message());
+    }
+}
+
+#[tokio::test]
+async fn reformulate_answers_subqueries_with_timings() {
+    let mut c = client(shared_server()).await;
+    common::wait_serving(shared_server()).await;
+    let r = c.reformulate(request(QUERY, GenerationOptions::default())).await.unwrap().into_inner();
+    assert!(!r.subqueries.is_empty());
+    assert!(r.subqueries.iter().all(|s| !s.trim().is_empty() && !s.contains('|')), "{:?}", r.subqueries);
+    assert!(r.candidates.is_empty(), "one candidate is not listed");
+    assert_eq!(r.model_id, common::model_dir().canonicalize().unwrap().file_name().unwrap().to_string_lossy());
+    assert!(!r.truncated);
+    let t = r.timings.expect("timings");
+    assert!(!t.cached);
+    assert!(t.input_tokens > 0 && t.generated_tokens > 0, "{t:?}");
+    assert!(t.total_ms > 0.0 && t.decode_ms > 0.0 && t.encode_ms > 0.0, "{t:?}");
+    assert!(t.total_ms + 1e-9 >= t.tokenize_ms + t.encode_ms + t.decode_ms - 1e-6, "{t:?}");
+    // Greedy is deterministic.
+    let again = c.reformulate(request(QUERY, GenerationOptions::default())).await.unwrap().into_inner();
+    assert_eq!(again.subqueries, r.subqueries);
+}
+
+#[tokio::test]
+async fn beam_search_returns_ordered_candidates() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let opts = GenerationOptions { num_beams: 4, num_return_sequences: 3, max_new_tokens: 12, ..Default::default() };
+    let r = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    assert_eq!(r.candidates.len(), 3);
+    assert!(r.candidates.windows(2).all(|w| w[0].score >= w[1].score), "{:?}", r.candidates);
+    assert!(r.candidates.iter().all(|c| c.score.is_finite() && c.score <= 0.0 && !c.subqueries.is_empty()));
+    assert_eq!(r.subqueries, r.candidates[0].subqueries, "the best candidate answers");
+}
+
+#[tokio::test]
+async fn seeded_sampling_is_reproducible() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let opts = |seed| GenerationOptions {
+        do_sample: true,
+        temperature: 5.0,
+        seed,
+        num_return_sequences: 3,
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let texts = |r: pb::ReformulateResponse| r.candidates.into_iter().map(|c| c.text).collect::<Vec<_>>();
+    let a = texts(c.reformulate(request(QUERY, opts(11))).await.unwrap().into_inner());
+    let b = texts(c.reformulate(request(QUERY, opts(11))).await.unwrap().into_inner());
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "equal seeds must give equal samples (the shared server has no cache)");
+    // At temperature 5 the distribution is nearly flat: another seed draws other tokens.
+    let other = texts(c.reformulate(request(QUERY, opts(12))).await.unwrap().into_inner());
+    assert_ne!(a, other);
+}
+
+#[tokio::test]
+async fn ignore_eos_generates_exactly_max_new_tokens() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    for (max, beams) in [(17, 0), (9, 3)] {
+        let opts = GenerationOptions { ignore_eos: true, max_new_tokens: max, num_beams: beams, ..Default::default() };
+        let r = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+        assert_eq!(r.timings.unwrap().generated_tokens, max, "beams {beams}");
+    }
+}
+
+#[tokio::test]
+async fn response_cache_hits_only_for_identical_options() {
+    let server = TestServer::start(&["--workers", "1", "--cache-capacity", "100"]).await;
+    let mut c = client(server.addr).await;
+    let opts = GenerationOptions { max_new_tokens: 6, ..Default::default() };
+    let first = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    assert!(!first.timings.as_ref().unwrap().cached);
+    // Same query after whitespace normalisation, same options: served from the cache.
+    let spaced = format!("  {}  ", QUERY.replace(' ', "   "));
+    let second = c.reformulate(request(&spaced, opts)).await.unwrap().into_inner();
+    let t = second.timings.as_ref().unwrap();
+    assert!(t.cached);
+    assert_eq!(t.generated_tokens, 0, "a hit sets only total_ms");
+    assert_eq!(second.subqueries, first.subqueries);
+    assert_eq!(second.model_id, first.model_id);
+    // Any other option misses.
+    for other in [
+        GenerationOptions { max_new_tokens: 7, ..opts },
+        GenerationOptions { ignore_eos: true, ..opts },
+        GenerationOptions { num_beams: 2, ..opts },
+        GenerationOptions { do_sample: true, seed: 3, ..opts },
+    ] {
+        let r = c.reformulate(request(QUERY, other)).await.unwrap().into_inner();
+        assert!(!r.timings.unwrap().cached, "{other:?} must not be served from the cache");
+    }
+    // Case is kept: the model is case-sensitive.
+    let upper = c.reformulate(request(&QUERY.to_uppercase(), opts)).await.unwrap().into_inner();
+    assert!(!upper.timings.unwrap().cached);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn evaluate_reports_metrics_per_kind_and_latency() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    // The model's own answer as the reference: exact match for that example.
+    let own = c.reformulate(request(QUERY, GenerationOptions::default())).await.unwrap().into_inner().subqueries;
+    let examples = vec![
+        pb::EvaluateRequest {
+            query: QUERY.into(),
+            expected_subqueries: own.clone(),
+            kind: "comparison".into(),
+            options: Some(GenerationOptions::default()),
+        },
+        pb::EvaluateRequest {
+            query: "capital of France population".into(),
+            expected_subqueries: vec!["zzzz qqqq".into(), "xxxx".into(), "wwww".into(), "vvvv".into()],
+            kind: "comparison".into(),
+            options: None,
+        },
+        pb::EvaluateRequest {
+            query: "Where was the author of Dune born?".into(),
+            expected_subqueries: vec!["Dune author".into()],
+            kind: String::new(),
+            options: None,
+        },
+    ];
+    let r = c.evaluate(tokio_stream::iter(examples)).await.unwrap().into_inner();
+    let overall = r.overall.expect("overall row");
+    assert_eq!(overall.name, "overall");
+    assert_eq!(overall.examples, 3);
+    for v in [overall.exact_match, overall.rouge_l, overall.count_accuracy, overall.levenshtein] {
+        assert!((0.0..=1.0).contains(&v), "{overall:?}");
+    }
+    let names: Vec<_> = r.per_kind.iter().map(|k| (k.name.as_str(), k.examples)).collect();
+    assert_eq!(names, vec![("comparison", 2), ("unknown", 1)]);
+    assert_eq!(r.examples.len(), 3);
+    assert!(r.examples[0].exact_match, "{:?}", r.examples[0]);
+    assert_eq!(r.examples[0].predicted_subqueries, own);
+    assert_eq!(r.examples[0].rouge_l, 1.0);
+    assert!(!r.examples[1].exact_match, "nonsense reference cannot match");
+    assert_eq!(r.examples[2].kind, "");
+    let lat = r.latency.expect("latency");
+    assert_eq!(lat.count, 3);
+    assert!(lat.min_ms > 0.0 && lat.min_ms <= lat.median_ms && lat.median_ms <= lat.max_ms, "{lat:?}");
+    assert!(!r.model_id.is_empty());
+}
+
+#[tokio::test]
+async fn evaluate_rejects_bad_examples_and_empty_streams() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let good = pb::EvaluateRequest { query: QUERY.into(), ..Default::default() };
+    let blank = pb::EvaluateRequest { query: "   ".into(), ..Default::default() };
+    assert_invalid(c.evaluate(tokio_stream::iter(vec![good, blank])).await, &["example 2", "blank"]);
+    assert_invalid(c.evaluate(tokio_stream::iter(Vec::<pb::EvaluateRequest>::new())).await, &["no examples"]);
+}
+
+#[tokio::test]
+async fn benchmark_counts_and_ordered_percentiles() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let req = pb::BenchmarkRequest {
+        queries: vec![QUERY.into(), "Where was the author of Dune born?".into()],
+        repeat: 3,
+        warmup: 1,
+        options: Some(GenerationOptions { ignore_eos: true, max_new_tokens: 4, ..Default::default() }),
+    };
+    let r = c.benchmark(req).await.unwrap().into_inner();
+    assert_eq!(r.requests, 6);
+    assert_eq!(r.generated_tokens, 24);
+    let l = r.latency.expect("latency");
+    assert_eq!(l.count, 6);
+    let order = [l.min_ms, l.median_ms, l.p90_ms, l.p95_ms, l.p99_ms, l.max_ms];
+    assert!(l.min_ms > 0.0 && order.windows(2).all(|w| w[0] <= w[1]), "{l:?}");
+    assert!(l.mean_ms >= l.min_ms && l.mean_ms <= l.max_ms && l.std_ms >= 0.0, "{l:?}");
+    assert!(r.tokens_per_second > 0.0 && r.wall_seconds > 0.0);
+    assert!(r.mean_decode_ms > 0.0 && r.mean_encode_ms > 0.0 && r.mean_tokenize_ms >= 0.0);
+    assert!(!r.model_id.is_empty());
+}
+
+#[tokio::test]
+async fn benchmark_rejects_bad_sizes() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    assert_invalid(c.benchmark(pb::BenchmarkRequest::default()).await, &["queries is empty"]);
+    let huge = pb::BenchmarkRequest { queries: vec!["a".into(), "b".into()], repeat: 60_000, ..Default::default() };
+    assert_invalid(c.benchmark(huge).await, &["120000", "100000"]);
+    let blank = pb::BenchmarkRequest { queries: vec!["a".into(), " ".into()], ..Default::default() };
+    assert_invalid(c.benchmark(blank).await, &["queries[1]"]);
+}
+
+#[tokio::test]
+async fn bad_queries_are_invalid_argument() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let default = GenerationOptions::default();
+    assert_invalid(c.reformulate(request("", default)).await, &["empty"]);
+    assert_invalid(c.reformulate(request(" \t\n ", default)).await, &["blank"]);
+    assert_invalid(c.reformulate(request(&"a".repeat(2001), default)).await, &["2001", "2000"]);
+    // The shared server allows 32 input tokens.
+    let long = "Tesla Milankovic Edison Westinghouse Marconi ".repeat(10);
+    assert_invalid(c.reformulate(request(&long, default)).await, &["tokens", "32", "truncate"]);
+    let cut = c
+        .reformulate(request(&long, GenerationOptions { truncate: true, max_new_tokens: 4, ..default }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cut.truncated);
+    assert_eq!(cut.timings.unwrap().input_tokens, 32);
+}
+
+#[tokio::test]
+async fn out_of_range_options_are_invalid_argument() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let cases: Vec<(GenerationOptions, Vec<&str>)> = vec![
+        (GenerationOptions { max_new_tokens: 257, ..Default::default() }, vec!["max_new_tokens", "257", "256"]),
+        (GenerationOptions { num_beams: 9, ..Default::default() }, vec!["num_beams", "9", "8"]),
+        (GenerationOptions { num_beams: 2, num_return_sequences: 3, ..Default::default() }, vec!["num_return_sequences", "3"]),
+        (GenerationOptions { num_return_sequences: 2, ..Default::default() }, vec!["num_return_sequences", "greedy"]),
+        (GenerationOptions { do_sample: true, num_return_sequences: 9, ..Default::default() }, vec!["num_return_sequences", "9", "8"]),
+        (GenerationOptions { do_sample: true, temperature: -0.5, ..Default::default() }, vec!["temperature", "-0.5"]),
+        (GenerationOptions { do_sample: true, temperature: f32::NAN, ..Default::default() }, vec!["temperature", "NaN"]),
+        (GenerationOptions { do_sample: true, num_beams: 3, ..Default::default() }, vec!["do_sample", "num_beams"]),
+    ];
+    for (opts, needles) in cases {
+        assert_invalid(c.reformulate(request(QUERY, opts)).await, &needles);
+    }
+}
+
+#[tokio::test]
+async fn client_deadline_stops_generation_and_server_keeps_serving() {
+    // A generation that cannot finish in the client's 300 ms: up to 4096 tokens, 8 beams.
+    // The server answers DEADLINE_EXCEEDED a little before the deadline, ahead of the tonic
+    // client's own timer (which would report CANCELLED).
+    let server = TestServer::start(&["--workers", "1", "--max-new-tokens-limit", "4096"]).await;
+    let mut c = client(server.addr).await;
+    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
+    let mut req = Request::new(request(QUERY, long));
+    req.set_timeout(Duration::from_millis(300));
+    let status = c.reformulate(req).await.expect_err("4096 tokens x 8 beams cannot finish in 300 ms");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The single worker is free again: the decode loop stopped at the deadline.
+    let ok = c.reformulate(request(QUERY, GenerationOptions { max_new_tokens: 4, ..Default::default() })).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn overload_is_resource_exhausted_not_queued() {
+    let server = TestServer::start(&["--workers", "1", "--max-concurrent-requests", "1", "--cache-capacity", "0"]).await;
+    let c = client(server.addr).await;
+    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 256, num_beams: 8, ..Default::default() };
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.reformulate(request(&format!("{QUERY} {i}"), long)).await })
+        })
+        .collect();
+    let (mut ok, mut exhausted) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(s.message().contains("--max-concurrent-requests"), "{s:?}");
+                exhausted += 1;
+            }
+            Err(s) => panic!("unexpected status {s:?}"),
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_goes_serving_then_not_serving_on_shutdown() {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    // The listener is bound before `serve` runs, so this watch is answered as soon as the
+    // server accepts: before the model has loaded and warmed up.
+    let server = TestServer::spawn(&["--workers", "1", "--grace-period-secs", "5"]).await;
+    let mut health = HealthClient::new(common::channel(server.addr).await);
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    while seen.last() != Some(&ServingStatus::Serving) {
+        let msg = tokio::time::timeout(Duration::from_secs(60), watch.message()).await.unwrap().unwrap().unwrap();
+        seen.push(msg.status());
+    }
+    assert_eq!(seen.first(), Some(&ServingStatus::NotServing), "{seen:?}");
+    assert_eq!(common::health_status(server.addr, qreformulate::SERVICE_NAME).await, ServingStatus::Serving);
+
+    let handle_addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    let msg = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(msg.status(), ServingStatus::NotServing, "after shutdown at {handle_addr}");
+    drop(watch);
+    stopping.await.unwrap().expect("serve returns Ok after a clean shutdown");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut r = ServerReflectionClient::new(common::channel(addr).await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut stream = r.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let reply = stream.message().await.unwrap().expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply {reply:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&qreformulate::SERVICE_NAME.to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+}
