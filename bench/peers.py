@@ -511,6 +511,10 @@ def main(argv=None) -> int:
                     "(make bench-peers does)")
                 return 2
     work = args.work.resolve()
+    missing = [f for f in (*ONNX_FILES, "config.json", "tokenizer.json") if not (args.model / f).exists()]
+    if missing:
+        log(f"{args.model} is not a model directory (no {', '.join(missing)}); pass --model DIR")
+        return 2
     args.workers_default = os.cpu_count()
 
     import torch
