@@ -10,7 +10,7 @@ ARGS ?=
 
 ## Fetch ONNX Runtime, build, and run qserver on the shipped default model.
 serve: runtime
-	cargo build --release --bin qserver --bin qclient
+	cargo build --release -p qserver -p qclient
 	./target/release/qserver $(ARGS)
 
 ## Run every test: Rust (unit + integration against a real server) and the Python pipeline.
