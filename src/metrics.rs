@@ -31,7 +31,7 @@ pub fn normalise(text: &str) -> String {
 }
 
 /// Python's `\w` on `str`: letters and numbers (general categories L* and N*) or `_`.
-fn is_word_char(c: char) -> bool {
+pub fn is_word_char(c: char) -> bool {
     c == '_' || matches!(c.general_category_group(), GeneralCategoryGroup::Letter | GeneralCategoryGroup::Number)
 }
 

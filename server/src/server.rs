@@ -54,6 +54,7 @@ pub async fn serve(
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
+        word_constraint = model.constraint.is_some(),
         "loading model"
     );
 

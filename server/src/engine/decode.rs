@@ -8,7 +8,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{logits, SearchKind};
+use super::{constraint::WordConstraint, logits, SearchKind};
 
 /// Seed used when the request leaves `seed` at 0.
 pub const DEFAULT_SEED: u64 = 0x5eed_0f_9e0e_2a7e;
@@ -42,10 +42,16 @@ pub trait Search {
     fn finish(self: Box<Self>) -> Vec<Hypothesis>;
 }
 
-/// Builds the search for `kind`.
-pub fn new_search(kind: SearchKind, special: Special, ignore_eos: bool, length_penalty: f64) -> Box<dyn Search> {
+/// Builds the search for `kind`. The word constraint, when given, applies to greedy search.
+pub fn new_search(
+    kind: SearchKind,
+    special: Special,
+    ignore_eos: bool,
+    length_penalty: f64,
+    constraint: Option<WordConstraint>,
+) -> Box<dyn Search> {
     match kind {
-        SearchKind::Greedy => Box::new(Greedy::new(special, ignore_eos)),
+        SearchKind::Greedy => Box::new(Greedy::new(special, ignore_eos).with_constraint(constraint)),
         SearchKind::Beam { num_beams, num_return_sequences } => {
             Box::new(Beam::new(num_beams.max(1), num_return_sequences.max(1), special, ignore_eos, length_penalty))
         }
@@ -59,17 +65,24 @@ fn banned(special: Special, ignore_eos: bool) -> Option<usize> {
     ignore_eos.then_some(special.eos as usize)
 }
 
-/// Argmax at every step, one row. Scores are not computed: greedy returns one candidate.
+/// Argmax at every step (or the word constraint's choice), one row. Scores are not
+/// computed: greedy returns one candidate.
 pub struct Greedy {
     tokens: Vec<u32>,
     next: [i64; 1],
     special: Special,
     ignore_eos: bool,
+    constraint: Option<WordConstraint>,
 }
 
 impl Greedy {
     pub fn new(special: Special, ignore_eos: bool) -> Self {
-        Self { tokens: Vec::with_capacity(64), next: [0], special, ignore_eos }
+        Self { tokens: Vec::with_capacity(64), next: [0], special, ignore_eos, constraint: None }
+    }
+
+    pub fn with_constraint(mut self, constraint: Option<WordConstraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 }
 
@@ -79,7 +92,12 @@ impl Search for Greedy {
     }
 
     fn advance(&mut self, logits: &[f32], vocab: usize) -> bool {
-        let t = logits::argmax(&logits[..vocab], banned(self.special, self.ignore_eos)) as u32;
+        let row = &logits[..vocab];
+        let ban = banned(self.special, self.ignore_eos);
+        let t = match &mut self.constraint {
+            Some(c) => c.choose(row, ban),
+            None => logits::argmax(row, ban),
+        } as u32;
         self.tokens.push(t);
         self.next[0] = i64::from(t);
         !self.ignore_eos && t == self.special.eos
@@ -368,7 +386,7 @@ mod tests {
 
     #[test]
     fn greedy_stops_at_eos() {
-        let hyps = run(new_search(SearchKind::Greedy, SPECIAL, false, 1.0), 10, |step, _, _| {
+        let hyps = run(new_search(SearchKind::Greedy, SPECIAL, false, 1.0, None), 10, |step, _, _| {
             if step < 2 {
                 [0.0, 0.0, 5.0, 0.0, 0.0]
             } else {
@@ -380,7 +398,7 @@ mod tests {
 
     #[test]
     fn greedy_ignore_eos_runs_to_the_limit() {
-        let hyps = run(new_search(SearchKind::Greedy, SPECIAL, true, 1.0), 6, |_, _, _| [0.0, 9.0, 0.0, 3.0, 0.0]);
+        let hyps = run(new_search(SearchKind::Greedy, SPECIAL, true, 1.0, None), 6, |_, _, _| [0.0, 9.0, 0.0, 3.0, 0.0]);
         assert_eq!(hyps[0].tokens, vec![3; 6]);
     }
 
@@ -394,13 +412,13 @@ mod tests {
                 [0.0, 9.0, 0.0, 0.0, 0.0]
             }
         };
-        let a = run(new_search(kind, SPECIAL, false, 1.0), 8, table);
-        let b = run(new_search(kind, SPECIAL, false, 1.0), 8, table);
+        let a = run(new_search(kind, SPECIAL, false, 1.0, None), 8, table);
+        let b = run(new_search(kind, SPECIAL, false, 1.0, None), 8, table);
         assert_eq!(a, b);
         assert_eq!(a.len(), 4);
         assert!(a.windows(2).all(|w| w[0].score >= w[1].score));
         let other = SearchKind::Sample { num_return_sequences: 4, temperature: 1.0, seed: 43 };
-        let c = run(new_search(other, SPECIAL, false, 1.0), 8, table);
+        let c = run(new_search(other, SPECIAL, false, 1.0, None), 8, table);
         assert_ne!(a, c, "a different seed should draw differently on this table");
     }
 
@@ -417,10 +435,10 @@ mod tests {
                 _ => [0.0, 0.0, 0.0, 0.0, 0.0],
             }
         };
-        let greedy = run(new_search(SearchKind::Greedy, SPECIAL, false, 1.0), 2, table);
+        let greedy = run(new_search(SearchKind::Greedy, SPECIAL, false, 1.0, None), 2, table);
         assert_eq!(greedy[0].tokens[0], 2);
         let kind = SearchKind::Beam { num_beams: 2, num_return_sequences: 2 };
-        let hyps = run(new_search(kind, SPECIAL, false, 1.0), 4, table);
+        let hyps = run(new_search(kind, SPECIAL, false, 1.0, None), 4, table);
         assert_eq!(hyps.len(), 2);
         assert_eq!(hyps[0].tokens, vec![3, 1]);
         assert!(hyps[0].score >= hyps[1].score);
@@ -447,7 +465,7 @@ mod tests {
     #[test]
     fn beam_ignore_eos_never_finishes_early() {
         let kind = SearchKind::Beam { num_beams: 3, num_return_sequences: 3 };
-        let hyps = run(new_search(kind, SPECIAL, true, 1.0), 5, |_, _, _| [0.0, 9.0, 1.0, 2.0, 0.5]);
+        let hyps = run(new_search(kind, SPECIAL, true, 1.0, None), 5, |_, _, _| [0.0, 9.0, 1.0, 2.0, 0.5]);
         assert_eq!(hyps.len(), 3);
         assert!(hyps.iter().all(|h| h.tokens.len() == 5 && !h.tokens.contains(&1)));
         assert!(hyps.windows(2).all(|w| w[0].score >= w[1].score));

@@ -3,6 +3,7 @@
 //! worker [`pool`].
 
 pub mod cancel;
+pub mod constraint;
 pub mod decode;
 pub mod logits;
 pub mod model_dir;

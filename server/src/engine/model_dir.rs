@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::constraint::ConstraintFile;
+
 pub const ENCODER_FILE: &str = "encoder_model.onnx";
 pub const DECODER_FILE: &str = "decoder_model.onnx";
 pub const DECODER_WITH_PAST_FILE: &str = "decoder_with_past_model.onnx";
@@ -66,6 +68,8 @@ pub struct ModelDir {
     pub model_id: String,
     pub config: T5Config,
     pub generation: GenerationDefaults,
+    /// `constraint.json`, when the model ships one.
+    pub constraint: Option<ConstraintFile>,
 }
 
 impl ModelDir {
@@ -95,7 +99,8 @@ impl ModelDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| canonical.display().to_string());
-        Ok(Self { root: root.to_path_buf(), model_id, config, generation })
+        let constraint = ConstraintFile::read(root)?;
+        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

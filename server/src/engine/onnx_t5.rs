@@ -5,7 +5,7 @@
 //!
 //! Input and output names are discovered from the sessions, so any layer count works.
 
-use std::{borrow::Cow, path::Path, time::Instant};
+use std::{borrow::Cow, path::Path, sync::Arc, time::Instant};
 
 use ort::{
     environment::Environment,
@@ -15,9 +15,10 @@ use ort::{
 use tokenizers::Tokenizer;
 
 use super::{
+    constraint::ConstraintModel,
     decode::{new_search, Hypothesis, Special},
     model_dir::{self, ModelDir, ModelError, T5Config},
-    CancelToken, Candidate, Engine, EngineError, GenerateRequest, Generation, Timings,
+    CancelToken, Candidate, Engine, EngineError, GenerateRequest, Generation, SearchKind, Timings,
 };
 
 const INPUT_IDS: &str = "input_ids";
@@ -64,6 +65,8 @@ pub struct OnnxT5 {
     io: Io,
     config: T5Config,
     length_penalty: f64,
+    /// The capitalised-word constraint, when the model ships `constraint.json` (greedy only).
+    constraint: Option<Arc<ConstraintModel>>,
 }
 
 fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -180,6 +183,12 @@ impl OnnxT5 {
         let decoder = open_session(env, &dir.file(model_dir::DECODER_FILE), settings)?;
         let decoder_with_past = open_session(env, &dir.file(model_dir::DECODER_WITH_PAST_FILE), settings)?;
         let io = Io::discover(dir, &encoder, &decoder, &decoder_with_past)?;
+        let constraint = dir.constraint.as_ref().map(|file| {
+            let pieces: Vec<String> = (0..tokenizer.get_vocab_size(true) as u32)
+                .map(|id| tokenizer.id_to_token(id).unwrap_or_default())
+                .collect();
+            Arc::new(ConstraintModel::new(&pieces, file, dir.config.eos_token_id))
+        });
         Ok(Self {
             model_id: dir.model_id.clone(),
             tokenizer,
@@ -189,6 +198,7 @@ impl OnnxT5 {
             io,
             config: dir.config.clone(),
             length_penalty: dir.generation.length_penalty,
+            constraint,
         })
     }
 
@@ -244,7 +254,11 @@ impl OnnxT5 {
         cancel: &CancelToken,
     ) -> Result<Vec<Hypothesis>, EngineError> {
         let params = &req.params;
-        let mut search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty);
+        let constraint = match params.search {
+            SearchKind::Greedy => self.constraint.as_ref().map(|c| c.for_query(&req.query)),
+            _ => None,
+        };
+        let mut search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, constraint);
         let rows = search.rows();
 
         // Every row decodes the same source: repeat the encoder output and mask per row.
@@ -417,5 +431,12 @@ impl Engine for OnnxT5 {
 
     fn model_id(&self) -> &str {
         &self.model_id
+    }
+}
+
+impl OnnxT5 {
+    /// Whether greedy decoding applies the model's capitalised-word constraint.
+    pub fn constrained(&self) -> bool {
+        self.constraint.is_some()
     }
 }
