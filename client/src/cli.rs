@@ -259,7 +259,8 @@ mod tests {
 
     #[test]
     fn global_addr_works_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["qclient", "health", "--addr", "http://10.0.0.1:1"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["qclient", "health", "--addr", "http://10.0.0.1:1"]).unwrap();
         assert_eq!(cli.addr, "http://10.0.0.1:1");
     }
 

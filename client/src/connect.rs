@@ -22,10 +22,13 @@ impl Target {
         let endpoint = endpoint(&self.addr)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
-        endpoint.connect().await.map_err(|source| ClientError::Connect {
-            addr: self.addr.clone(),
-            source,
-        })
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })
     }
 
     pub async fn reformulator(&self) -> Result<ReformulatorClient<Channel>, ClientError> {
@@ -85,17 +88,31 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_rejected_with_a_reason() {
-        for addr in ["http://", "ftp://host:1", "https://host:1", "http://bad host:1"] {
+        for addr in [
+            "http://",
+            "ftp://host:1",
+            "https://host:1",
+            "http://bad host:1",
+        ] {
             let err = endpoint(addr).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("invalid server address {addr:?}: ")), "{err}");
+            assert!(
+                err.starts_with(&format!("invalid server address {addr:?}: ")),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn requests_carry_the_deadline() {
         let request = with_timeout((), Some(Duration::from_millis(1500)));
-        let header = request.metadata().get("grpc-timeout").expect("grpc-timeout set");
+        let header = request
+            .metadata()
+            .get("grpc-timeout")
+            .expect("grpc-timeout set");
         assert!(!header.is_empty());
-        assert!(with_timeout((), None).metadata().get("grpc-timeout").is_none());
+        assert!(with_timeout((), None)
+            .metadata()
+            .get("grpc-timeout")
+            .is_none());
     }
 }

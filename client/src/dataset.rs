@@ -159,7 +159,10 @@ pub fn split_subqueries(joined: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_object(line: &str, line_no: usize) -> Result<serde_json::Map<String, Value>, DatasetError> {
+fn parse_object(
+    line: &str,
+    line_no: usize,
+) -> Result<serde_json::Map<String, Value>, DatasetError> {
     match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(other) => Err(DatasetError::new(
@@ -169,7 +172,9 @@ fn parse_object(line: &str, line_no: usize) -> Result<serde_json::Map<String, Va
         Err(e) => {
             // serde_json appends "at line 1 column N"; every line is line 1 to it.
             let text = e.to_string();
-            let reason = text.rfind(" at line ").map_or(text.as_str(), |i| &text[..i]);
+            let reason = text
+                .rfind(" at line ")
+                .map_or(text.as_str(), |i| &text[..i]);
             Err(DatasetError::new(
                 line_no,
                 format!("invalid JSON: {reason} (column {})", e.column()),
@@ -178,7 +183,10 @@ fn parse_object(line: &str, line_no: usize) -> Result<serde_json::Map<String, Va
     }
 }
 
-fn query_field(object: &serde_json::Map<String, Value>, line_no: usize) -> Result<String, DatasetError> {
+fn query_field(
+    object: &serde_json::Map<String, Value>,
+    line_no: usize,
+) -> Result<String, DatasetError> {
     match object.get("query") {
         Some(Value::String(query)) if !query.trim().is_empty() => Ok(query.trim().to_string()),
         Some(Value::String(_)) => Err(DatasetError::new(line_no, "\"query\" is empty")),
@@ -237,7 +245,11 @@ mod tests {
         let text = "{\"query\": \"ok\"}\n\n{\"query\": \"broken\"\n";
         let err = parse_queries(text).unwrap_err();
         assert_eq!(err.line, 3);
-        assert!(err.to_string().starts_with("line 3: invalid JSON: EOF while parsing an object (column "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("line 3: invalid JSON: EOF while parsing an object (column "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -299,7 +311,11 @@ mod tests {
                 1,
                 "\"subqueries\" must hold strings, found a number",
             ),
-            ("{\"query\": \"q\", \"subqueries\": \" | \"}", 1, "\"subqueries\" is empty"),
+            (
+                "{\"query\": \"q\", \"subqueries\": \" | \"}",
+                1,
+                "\"subqueries\" is empty",
+            ),
             (
                 "{\"query\": \"q\", \"subqueries\": \"a\", \"kind\": 2}",
                 1,
@@ -330,7 +346,9 @@ mod tests {
         std::fs::write(&path, "{\"query\": \"ok\"}\n{oops}\n").unwrap();
         let err = load_queries(&path).unwrap_err().to_string();
         assert!(err.contains("bad.jsonl: line 2: invalid JSON"), "{err}");
-        let missing = load_queries(&dir.path().join("missing.jsonl")).unwrap_err().to_string();
+        let missing = load_queries(&dir.path().join("missing.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.starts_with("cannot read "), "{missing}");
     }
 }

@@ -93,7 +93,9 @@ pub fn normalise(status: tonic::Status) -> tonic::Status {
         source = e.source();
     }
     if timed_out {
-        tonic::Status::deadline_exceeded("the deadline (--timeout-ms) passed before the answer came")
+        tonic::Status::deadline_exceeded(
+            "the deadline (--timeout-ms) passed before the answer came",
+        )
     } else {
         status
     }
@@ -191,7 +193,10 @@ mod tests {
             "Reformulate failed: DEADLINE_EXCEEDED: the deadline (--timeout-ms) passed before the answer came"
         );
         let other = ClientError::rpc("Reformulate", tonic::Status::cancelled("client went away"));
-        assert_eq!(other.to_string(), "Reformulate failed: CANCELLED: client went away");
+        assert_eq!(
+            other.to_string(),
+            "Reformulate failed: CANCELLED: client went away"
+        );
     }
 
     #[test]
@@ -205,7 +210,8 @@ mod tests {
         #[derive(Debug, thiserror::Error)]
         #[error("outer: connection refused")]
         struct Outer(#[source] std::io::Error);
-        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let inner =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
         assert_eq!(chain(&Outer(inner)), "outer: connection refused");
     }
 

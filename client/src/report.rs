@@ -72,7 +72,8 @@ impl Latency {
 
 /// A histogram of microseconds from 1 µs to one hour, 3 significant digits.
 pub fn micros_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid; this is a bug")
+    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("constant histogram bounds are valid; this is a bug")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -199,14 +200,18 @@ pub struct EvalReport {
 
 impl EvalReport {
     pub fn from_proto(response: &pb::EvaluateResponse) -> Self {
-        let overall = response.overall.as_ref().map(MetricRow::from).unwrap_or(MetricRow {
-            name: "overall".into(),
-            examples: 0,
-            exact_match: 0.0,
-            rouge_l: 0.0,
-            count_accuracy: 0.0,
-            levenshtein: 0.0,
-        });
+        let overall = response
+            .overall
+            .as_ref()
+            .map(MetricRow::from)
+            .unwrap_or(MetricRow {
+                name: "overall".into(),
+                examples: 0,
+                exact_match: 0.0,
+                rouge_l: 0.0,
+                count_accuracy: 0.0,
+                levenshtein: 0.0,
+            });
         EvalReport {
             model_id: response.model_id.clone(),
             overall,
@@ -317,7 +322,11 @@ impl AnswerJson {
 
 /// The human form of one answer: the subqueries (one per line, or ` | `-joined), the
 /// candidates when there are several, and a latency line.
-pub fn render_answer(response: &pb::ReformulateResponse, latency: Duration, joined: bool) -> String {
+pub fn render_answer(
+    response: &pb::ReformulateResponse,
+    latency: Duration,
+    joined: bool,
+) -> String {
     let mut out = String::new();
     if joined {
         out.push_str(&response.subqueries.join(" | "));
@@ -446,7 +455,11 @@ pub fn columns(rows: &[Vec<String>]) -> Vec<String> {
 
 /// Label/value lines: both columns left-aligned.
 pub fn pairs(rows: &[Vec<String>]) -> Vec<String> {
-    let label = rows.iter().map(|r| r.first().map_or(0, |c| width(c))).max().unwrap_or(0);
+    let label = rows
+        .iter()
+        .map(|r| r.first().map_or(0, |c| width(c)))
+        .max()
+        .unwrap_or(0);
     rows.iter()
         .map(|row| {
             let first = row.first().map_or("", String::as_str);
@@ -496,7 +509,10 @@ pub fn render_bench(report: &BenchReport) -> String {
         ],
         vec!["warm-up".into(), format!("{} requests", report.warmup)],
         vec!["wall time".into(), format!("{:.3} s", report.wall_seconds)],
-        vec!["throughput".into(), format!("{:.2} req/s", report.throughput_rps)],
+        vec![
+            "throughput".into(),
+            format!("{:.2} req/s", report.throughput_rps),
+        ],
     ]);
     let mut latency = vec![vec![
         String::new(),
@@ -513,7 +529,10 @@ pub fn render_bench(report: &BenchReport) -> String {
     }
     let server = &report.server;
     let phases = pairs(&[
-        vec!["tokenize".into(), format!("{} ms", ms(server.mean_tokenize_ms))],
+        vec![
+            "tokenize".into(),
+            format!("{} ms", ms(server.mean_tokenize_ms)),
+        ],
         vec!["encode".into(), format!("{} ms", ms(server.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(server.mean_decode_ms))],
         vec![
@@ -523,7 +542,10 @@ pub fn render_bench(report: &BenchReport) -> String {
                 server.mean_generated_tokens, server.generated_tokens
             ),
         ],
-        vec!["cache hits".into(), format!("{} (not in the means above)", server.cached)],
+        vec![
+            "cache hits".into(),
+            format!("{} (not in the means above)", server.cached),
+        ],
     ]);
     render_box(
         "qclient bench",
@@ -542,10 +564,16 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
         vec!["requests".into(), report.requests.to_string()],
         vec!["warm-up".into(), format!("{} requests", report.warmup)],
         vec!["wall time".into(), format!("{:.3} s", report.wall_seconds)],
-        vec!["throughput".into(), format!("{:.2} req/s", report.throughput_rps)],
+        vec![
+            "throughput".into(),
+            format!("{:.2} req/s", report.throughput_rps),
+        ],
         vec![
             "generated tokens".into(),
-            format!("{} ({:.1} tokens/s)", report.generated_tokens, report.tokens_per_second),
+            format!(
+                "{} ({:.1} tokens/s)",
+                report.generated_tokens, report.tokens_per_second
+            ),
         ],
     ]);
     let mut latency = vec![vec![String::new(), "server ms".to_string()]];
@@ -553,7 +581,10 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
         latency.push(vec![label.to_string(), ms(value)]);
     }
     let phases = pairs(&[
-        vec!["tokenize".into(), format!("{} ms", ms(report.mean_tokenize_ms))],
+        vec![
+            "tokenize".into(),
+            format!("{} ms", ms(report.mean_tokenize_ms)),
+        ],
         vec!["encode".into(), format!("{} ms", ms(report.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(report.mean_decode_ms))],
     ]);
@@ -658,7 +689,6 @@ mod tests {
         h
     }
 
-
     fn sample_response() -> pb::ReformulateResponse {
         pb::ReformulateResponse {
             subqueries: vec![
@@ -688,7 +718,10 @@ mod tests {
             "Nikola Tesla lifespan\nMilutin Milankovic lifespan\n  (12.31 ms; server 10.05 ms: encode 1.20, decode 8.40 ms, 9 tokens)\n"
         );
         let joined = render_answer(&sample_response(), Duration::from_millis(3), true);
-        assert!(joined.starts_with("Nikola Tesla lifespan | Milutin Milankovic lifespan\n"), "{joined}");
+        assert!(
+            joined.starts_with("Nikola Tesla lifespan | Milutin Milankovic lifespan\n"),
+            "{joined}"
+        );
     }
 
     #[test]
@@ -737,7 +770,10 @@ mod tests {
 
     #[test]
     fn empty_histogram_gives_zeros() {
-        assert_eq!(Latency::from_micros(&micros_histogram()), Latency::default());
+        assert_eq!(
+            Latency::from_micros(&micros_histogram()),
+            Latency::default()
+        );
     }
 
     #[test]
@@ -747,7 +783,10 @@ mod tests {
             vec!["mean".into(), "1.50".into()],
             vec!["median".into(), "12.25".into()],
         ]);
-        assert_eq!(lines, vec!["        client", "mean      1.50", "median   12.25"]);
+        assert_eq!(
+            lines,
+            vec!["        client", "mean      1.50", "median   12.25"]
+        );
     }
 
     #[test]
@@ -839,7 +878,16 @@ mod tests {
         assert_eq!(value["ok"], 3);
         assert_eq!(value["errors_by_code"]["DEADLINE_EXCEEDED"], 1);
         assert_eq!(value["latency_ms"]["count"], 3);
-        for key in ["mean_ms", "median_ms", "std_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "min_ms"] {
+        for key in [
+            "mean_ms",
+            "median_ms",
+            "std_ms",
+            "p90_ms",
+            "p95_ms",
+            "p99_ms",
+            "max_ms",
+            "min_ms",
+        ] {
             assert!(value["latency_ms"][key].is_number(), "{key}");
         }
         assert_eq!(value["server"]["generated_tokens"], 27);
@@ -886,12 +934,18 @@ mod tests {
         };
         let text = render_eval(&report, 5);
         let lines: Vec<&str> = text.lines().collect();
-        let header = lines.iter().position(|l| l.contains("exact match")).unwrap();
+        let header = lines
+            .iter()
+            .position(|l| l.contains("exact match"))
+            .unwrap();
         assert!(lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"));
         assert!(lines[header + 1].contains("overall"), "{text}");
         assert!(lines[header + 2].contains("comparison"), "{text}");
         assert!(lines[header + 3].contains("chaining"), "{text}");
-        assert!(lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"), "{text}");
+        assert!(
+            lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"),
+            "{text}"
+        );
         assert!(text.contains("latency over 2 examples"), "{text}");
         assert!(text.contains("\n  expected   x | y\n"), "{text}");
         assert!(text.contains("\n  kind       chaining\n"), "{text}");

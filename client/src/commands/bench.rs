@@ -147,7 +147,9 @@ impl Plan {
                     let result = client.reformulate(request).await;
                     let sample = Sample {
                         latency: start.elapsed(),
-                        result: result.map(|r| r.into_inner()).map_err(|s| normalise(s).code()),
+                        result: result
+                            .map(|r| r.into_inner())
+                            .map_err(|s| normalise(s).code()),
                     };
                     if tx.send(sample).is_err() {
                         break;
@@ -202,8 +204,7 @@ impl Tally {
         match &sample.result {
             Ok(response) => {
                 self.ok += 1;
-                self.client_us
-                    .saturating_record(micros(sample.latency));
+                self.client_us.saturating_record(micros(sample.latency));
                 if let Some(t) = &response.timings {
                     self.server_us
                         .saturating_record((t.total_ms * 1000.0).round().max(1.0) as u64);
@@ -257,7 +258,9 @@ impl Tally {
 }
 
 fn micros(duration: Duration) -> u64 {
-    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 async fn server_side(
@@ -276,7 +279,10 @@ async fn server_side(
         .cloned()
         .collect();
     let warmup = u32::try_from(args.warmup).map_err(|_| {
-        ClientError::Usage(format!("--warmup {} is too large for --server-side", args.warmup))
+        ClientError::Usage(format!(
+            "--warmup {} is too large for --server-side",
+            args.warmup
+        ))
     })?;
     let progress = if args.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
@@ -369,7 +375,11 @@ mod tests {
         assert!((report.throughput_rps - 1.5).abs() < 1e-9);
         // The failed request's latency is not in the histogram.
         assert_eq!(report.latency_ms.count, 3);
-        assert!((report.latency_ms.mean_ms - 43.0 / 3.0).abs() < 0.05, "{:?}", report.latency_ms);
+        assert!(
+            (report.latency_ms.mean_ms - 43.0 / 3.0).abs() < 0.05,
+            "{:?}",
+            report.latency_ms
+        );
         assert!((report.latency_ms.min_ms - 3.0).abs() < 0.05);
         assert!((report.latency_ms.max_ms - 30.0).abs() < 0.05);
         assert_eq!(report.server.latency_ms.count, 3);

@@ -19,7 +19,11 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
     let options = args.generation.to_proto();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("qclient chat: connected to {}. {HELP}", target.addr);
+        eprintln!(
+            "qclient chat: connected to {}. {}",
+            target.addr,
+            HELP.trim_end()
+        );
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut failures = 0usize;
@@ -49,11 +53,18 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
             print(&format!("> {query}\n"))?;
         }
         match reformulate_once(&mut client, target, query, &options).await {
-            Ok(answer) => print(&render_answer(&answer.response, answer.latency, args.joined))?,
+            Ok(answer) => print(&render_answer(
+                &answer.response,
+                answer.latency,
+                args.joined,
+            ))?,
             Err(status) => {
                 // One failed question does not end the conversation.
                 failures += 1;
-                eprintln!("qclient: error: {}", ClientError::rpc("Reformulate", status));
+                eprintln!(
+                    "qclient: error: {}",
+                    ClientError::rpc("Reformulate", status)
+                );
             }
         }
     }

@@ -15,7 +15,9 @@ use crate::error::ClientError;
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 pub async fn run(target: &Target, args: HealthArgs) -> Result<ExitCode, ClientError> {
-    let deadline = args.wait_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    let deadline = args
+        .wait_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     loop {
         let result = check(target, &args.service).await;
         let waiting = deadline.is_some_and(|d| Instant::now() < d);

@@ -17,11 +17,16 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
     let options = args.generation.to_proto();
     let show = |query: &str, answer: &Answer, echo: bool| -> Result<(), ClientError> {
         if args.json {
-            let line = serde_json::to_string(&AnswerJson::new(query, &answer.response, answer.latency))
-                .expect("an answer always serialises; this is a bug");
+            let line =
+                serde_json::to_string(&AnswerJson::new(query, &answer.response, answer.latency))
+                    .expect("an answer always serialises; this is a bug");
             print(&format!("{line}\n"))
         } else {
-            let echo = if echo { format!("> {query}\n") } else { String::new() };
+            let echo = if echo {
+                format!("> {query}\n")
+            } else {
+                String::new()
+            };
             print(&format!(
                 "{echo}{}",
                 render_answer(&answer.response, answer.latency, args.joined)
@@ -48,12 +53,11 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
         source,
     })? {
         line_no += 1;
-        let Some(query) = dataset::parse_query_line(&line, line_no).map_err(|source| {
-            ClientError::Dataset {
+        let Some(query) =
+            dataset::parse_query_line(&line, line_no).map_err(|source| ClientError::Dataset {
                 origin: "stdin".to_string(),
                 source,
-            }
-        })?
+            })?
         else {
             continue;
         };
