@@ -86,7 +86,10 @@ mod tests {
     #[test]
     fn missing_explicit_library_is_a_clear_error() {
         // No unit test in this crate loads the runtime, so this reaches the lookup.
-        let msg = init(Some(Path::new("/nonexistent/libonnxruntime.so.1.31.1"))).err().expect("must fail").to_string();
+        let msg = match init(Some(Path::new("/nonexistent/libonnxruntime.so.1.31.1"))) {
+            Ok(_) => panic!("loading a missing library must fail"),
+            Err(e) => e.to_string(),
+        };
         assert!(msg.contains("/nonexistent/libonnxruntime.so.1.31.1") && msg.contains("make runtime"), "{msg}");
     }
 }

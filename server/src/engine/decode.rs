@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{constraint::WordConstraint, logits, SearchKind};
 
 /// Seed used when the request leaves `seed` at 0.
-pub const DEFAULT_SEED: u64 = 0x5eed_0f_9e0e_2a7e;
+pub const DEFAULT_SEED: u64 = 0x5eed_0f9e_0e2a_7e00;
 
 /// Token ids the strategies need.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -106,7 +106,8 @@ impl Io {
         let has = |list: &[String], name: &str| list.iter().any(|n| n == name);
         let unknown = |file: &str, list: &[String], known: &[&str], allow_past: bool| -> Result<(), ModelError> {
             for n in list {
-                if !known.contains(&n.as_str()) && !(allow_past && n.starts_with(PAST_PREFIX)) {
+                let is_cache_input = allow_past && n.starts_with(PAST_PREFIX);
+                if !known.contains(&n.as_str()) && !is_cache_input {
                     return Err(malformed(file, format!("unexpected input `{n}`")));
                 }
             }

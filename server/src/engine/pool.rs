@@ -232,9 +232,7 @@ fn worker(
 
 /// A panicking engine answers with an error instead of taking its worker down.
 fn run_guarded(engine: &mut dyn Engine, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
-    if let Err(e) = cancel.check(0) {
-        return Err(e); // gave up while queued
-    }
+    cancel.check(0)?; // the client gave up while the job was queued
     catch_unwind(AssertUnwindSafe(|| engine.generate(req, cancel))).unwrap_or_else(|panic| {
         let msg = panic
             .downcast_ref::<&str>()
