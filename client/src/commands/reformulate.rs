@@ -1,6 +1,7 @@
 //! `qclient reformulate`: one-shot reformulation of the given queries, or of one query per
 //! stdin line.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -46,6 +47,9 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
     }
 
     // No arguments: one query per stdin line (plain text or {"query": ...}), answered as read.
+    if std::io::stdin().is_terminal() {
+        eprintln!("qclient: reading queries from stdin, one per line (end with Ctrl-D)");
+    }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut line_no = 0;
     while let Some(line) = lines.next_line().await.map_err(|source| ClientError::Io {
