@@ -25,8 +25,8 @@ from .corpus import DEFAULT_CORPUS, REPO_ROOT, load_splits
 SHIPPED_TRAIN_ARGS = [
     "--vocab-size", "2048", "--d-model", "192", "--num-heads", "6", "--d-kv", "32", "--d-ff", "512",
     "--encoder-layers", "3", "--decoder-layers", "2", "--batch-size", "32", "--lr", "2e-3",
-    "--warmup-steps", "200", "--epochs", "8", "--max-minutes", "80", "--val-sample", "150",
-    "--seed", "13", "--threads", "2",
+    "--warmup-steps", "200", "--minutes", "75", "--eval-every", "400", "--val-sample", "100",
+    "--val-loss-rows", "400", "--seed", "13", "--threads", "2",
 ]
 
 
