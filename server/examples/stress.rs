@@ -1,4 +1,9 @@
-//! Engine stress loop (no gRPC): `cargo run --release --example stress -- [threads] [iters] [beams] [tokens]`.
+//! Engine stress loop on the repository's model, without gRPC: N threads, each with its own
+//! engine, run the same generation repeatedly and report ms/run and errors.
+//!
+//! `cargo run --release -p qserver --example stress -- THREADS ITERS BEAMS TOKENS [DEADLINE_US]`
+//! (ignore_eos, so every run generates TOKENS tokens; DEADLINE_US cuts each run short).
+//! `EXIT_EARLY_MS=n` exits the process after n ms while the threads are still running.
 use std::{path::Path, sync::Arc};
 
 use qserver::engine::{
