@@ -23,7 +23,7 @@ fn main() {
             let env = env.clone();
             let dir = Arc::clone(&dir);
             std::thread::spawn(move || {
-                let mut e = OnnxT5::load(&env, &dir, SessionSettings { intra_op_threads: 1 }).unwrap();
+                let mut e = OnnxT5::load(&env, &dir, &SessionSettings::new(1)).unwrap();
                 let search = if beams > 1 { SearchKind::Beam { num_beams: beams, num_return_sequences: 1 } } else { SearchKind::Greedy };
                 let req = GenerateRequest {
                     query: format!("Who lived longer, Nikola Tesla or Milutin Milankovic? {t}"),

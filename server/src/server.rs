@@ -73,11 +73,11 @@ pub async fn serve(
         let shared = Arc::clone(&shared);
         let health = health.clone();
         let load_error = Arc::clone(&load_error);
-        let settings = SessionSettings { intra_op_threads: config.intra_op_threads.get() };
+        let settings = SessionSettings::new(config.intra_op_threads.get());
         let warmup = warmup_request(&config);
         tokio::spawn(async move {
             let factory: EngineFactory = Arc::new(move |_| {
-                OnnxT5::load(&env, &model, settings).map(|engine| Box::new(engine) as Box<dyn Engine>)
+                OnnxT5::load(&env, &model, &settings).map(|engine| Box::new(engine) as Box<dyn Engine>)
             });
             let started = std::time::Instant::now();
             let result = tokio::task::spawn_blocking(move || EnginePool::start(workers, factory, warmup))

@@ -33,7 +33,7 @@ fn greedy_output_only_writes_allowed_capitalised_words() {
     let env = qserver::runtime::init(None).unwrap();
     let model = ModelDir::open(&dir).unwrap();
     assert!(model.constraint.is_some());
-    let mut engine = OnnxT5::load(&env, &model, SessionSettings { intra_op_threads: 1 }).unwrap();
+    let mut engine = OnnxT5::load(&env, &model, &SessionSettings::new(1)).unwrap();
     assert!(engine.constrained());
     for query in ["Who lived longer, Nikola Tesla or Milutin Milankovic?", "When was Ada Lovelace born?", "tesla coil inventor"] {
         let mut allowed = query_words(query);

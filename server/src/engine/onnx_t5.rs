@@ -5,7 +5,12 @@
 //!
 //! Input and output names are discovered from the sessions, so any layer count works.
 
-use std::{borrow::Cow, path::Path, sync::Arc, time::Instant};
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use ort::{
     environment::Environment,
@@ -30,9 +35,24 @@ const PAST_PREFIX: &str = "past_key_values.";
 const PRESENT_PREFIX: &str = "present.";
 
 /// Session settings (from the server configuration).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct SessionSettings {
     pub intra_op_threads: usize,
+    /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
+    /// experiments (see docs/performance.md and `examples/profile.rs`).
+    pub config_entries: Vec<(String, String)>,
+    /// ONNX Runtime's memory pattern optimisation (`None`: its default, on).
+    pub memory_pattern: Option<bool>,
+    /// The CPU memory arena (`None`: ONNX Runtime's default, on).
+    pub cpu_arena: Option<bool>,
+    /// Writes ONNX Runtime's per-node profile (JSON) for each session, named from this prefix.
+    pub profile_prefix: Option<PathBuf>,
+}
+
+impl SessionSettings {
+    pub fn new(intra_op_threads: usize) -> Self {
+        Self { intra_op_threads, ..Self::default() }
+    }
 }
 
 /// One KV-cache tensor: fed as `past_key_values.X`, produced as `present.X`.
@@ -73,7 +93,7 @@ fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Load { file: file.to_path_buf(), reason: e.to_string() }
 }
 
-fn open_session(env: &Environment, path: &Path, settings: SessionSettings) -> Result<Session, ModelError> {
+fn open_session(env: &Environment, path: &Path, settings: &SessionSettings) -> Result<Session, ModelError> {
     let threads = settings.intra_op_threads.max(1);
     let mut builder = Session::builder(env)
         .map_err(|e| load_error(path, e))?
@@ -84,6 +104,23 @@ fn open_session(env: &Environment, path: &Path, settings: SessionSettings) -> Re
     if threads > 1 {
         // Spinning intra-op threads steal the CPU from the other workers (see STACK.md).
         builder = builder.with_intra_op_spinning(false).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(enable) = settings.memory_pattern {
+        builder = builder.with_memory_pattern(enable).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(enable) = settings.cpu_arena {
+        builder = builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(enable).build()])
+            .map_err(|e| load_error(path, e))?;
+    }
+    for (key, value) in &settings.config_entries {
+        builder = builder.with_config_entry(key, value).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(prefix) = &settings.profile_prefix {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("session");
+        let mut file = prefix.as_os_str().to_owned();
+        file.push(stem);
+        builder = builder.with_profiling(PathBuf::from(file)).map_err(|e| load_error(path, e))?;
     }
     builder.commit_from_file(path).map_err(|e| load_error(path, e))
 }
@@ -173,7 +210,7 @@ impl Io {
 
 impl OnnxT5 {
     /// Loads tokenizer and the three sessions from a checked model directory.
-    pub fn load(env: &Environment, dir: &ModelDir, settings: SessionSettings) -> Result<Self, ModelError> {
+    pub fn load(env: &Environment, dir: &ModelDir, settings: &SessionSettings) -> Result<Self, ModelError> {
         let tokenizer_path = dir.file(model_dir::TOKENIZER_FILE);
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e))?;
         // The server enforces its own input limit; padding would feed fake tokens.
@@ -439,5 +476,11 @@ impl OnnxT5 {
     /// Whether greedy decoding applies the model's capitalised-word constraint.
     pub fn constrained(&self) -> bool {
         self.constraint.is_some()
+    }
+
+    /// Ends ONNX Runtime profiling (sessions opened with `profile_prefix`): returns the JSON
+    /// files written, encoder first.
+    pub fn end_profiling(&mut self) -> Result<Vec<String>, EngineError> {
+        Ok(vec![self.encoder.end_profiling()?, self.decoder.end_profiling()?, self.decoder_with_past.end_profiling()?])
     }
 }
