@@ -89,8 +89,9 @@ class WordConstraint:
         piece = self.pieces[token]
         byte = _BYTE_PIECE.match(piece)
         if byte:
+            # Checked like any continuation: an unfinished first character is not capitalised yet.
             word = self.word + bytes([int(byte.group(1), 16)])
-            return word  # a multi-byte character is judged when its word completes
+            return word if self._ok_partial(word) else None
         text = piece.encode()
         if piece.startswith(METASPACE):
             if not self._ok_complete(self.word):

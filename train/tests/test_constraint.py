@@ -43,3 +43,9 @@ def test_falls_back_to_argmax_when_nothing_allowed_is_in_the_top_k():
 def test_property_words_exclude_copied_names():
     rows = [Example(f"When was {n} born?", (f"{n} Birth Date",), "") for n in ("Al Gore", "Bo Li", "Cy Twombly")]
     assert learn_property_words(rows, min_groups=3) == ["Birth", "Date"]
+
+
+def test_byte_pieces_are_checked_as_they_arrive():
+    assert run("Ærø?", [["<0xC3>"], ["<0x86>"]], words=()) == ["<0xC3>", "<0x86>"]
+    assert run("x", [["<0xC3>"], ["<0x86>", "la"]], words=()) == ["<0xC3>", "la"]
+    assert run("Tesla?", [["▁Tes"], ["<0xC3>", "la"]], words=()) == ["▁Tes", "la"]

@@ -171,8 +171,12 @@ impl WordConstraint {
             return self.ok_complete(&self.word).then(Vec::new);
         }
         match self.model.pieces.get(token as usize) {
-            // A multi-byte character is judged when its word completes.
-            Some(Piece::Byte(b)) => Some([self.word.as_slice(), &[*b]].concat()),
+            // Checked byte by byte like any continuation: an unfinished first character does
+            // not count as capitalised yet, and byte prefixes of allowed words pass.
+            Some(Piece::Byte(b)) => {
+                let word = [self.word.as_slice(), &[*b]].concat();
+                self.ok_partial(&word).then_some(word)
+            }
             Some(Piece::WordStart(text)) => {
                 if !self.ok_complete(&self.word) {
                     return None;
@@ -269,12 +273,14 @@ mod tests {
     }
 
     #[test]
-    fn byte_pieces_spell_a_word_judged_when_it_completes() {
-        // "Æ" is C3 86: capitalised, not in the query: refused at the next word start / EOS.
-        let out = run("x", &[&["<0xC3>"], &["<0x86>"], &["</s>", "▁|"]], &[]);
-        assert_eq!(out[..2], ["<0xC3>", "<0x86>"]);
-        // Neither EOS nor a new word may close "Æ", so the argmax (EOS) is the fallback.
-        assert_eq!(out[2], "</s>");
+    fn byte_pieces_are_checked_as_they_arrive() {
+        // "Æ" is C3 86. Asked about "Ærø", the model may spell it byte by byte.
+        assert_eq!(run("Ærø?", &[&["<0xC3>"], &["<0x86>"]], &[]), ["<0xC3>", "<0x86>"]);
+        // Not in the query: C3 alone is no character yet, but C3 86 is a capitalised "Æ" that
+        // begins no allowed word, so the next allowed candidate ("la") is taken instead.
+        assert_eq!(run("x", &[&["<0xC3>"], &["<0x86>", "la"]], &[]), ["<0xC3>", "la"]);
+        // A capitalised word may not run on into bytes that no allowed word has.
+        assert_eq!(run("Tesla?", &[&["▁Tes"], &["<0xC3>", "la"]], &[]), ["▁Tes", "la"]);
     }
 
     #[test]
