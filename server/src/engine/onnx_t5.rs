@@ -14,14 +14,14 @@ use std::{
 
 use ort::{
     environment::Environment,
-    session::{builder::GraphOptimizationLevel, Session, SessionInputValue},
+    session::{builder::GraphOptimizationLevel, Session, SessionInputValue, SessionOutputs},
     value::{DynValue, Tensor, ValueType},
 };
 use tokenizers::Tokenizer;
 
 use super::{
     constraint::ConstraintModel,
-    decode::{new_search, Hypothesis, Special},
+    decode::{new_search, Hypothesis, Search, Special},
     model_dir::{self, ModelDir, ModelError, T5Config},
     CancelToken, Candidate, Engine, EngineError, GenerateRequest, Generation, SearchKind, Timings,
 };
@@ -316,14 +316,7 @@ impl OnnxT5 {
                     inputs.push((ENCODER_MASK.into(), (&encoder_mask).into()));
                 }
                 let mut outputs = self.decoder.run(inputs)?;
-                let done = {
-                    let (shape, logits) = outputs
-                        .get(LOGITS)
-                        .ok_or_else(|| EngineError::Model("decoder returned no logits".into()))?
-                        .try_extract_tensor::<f32>()?;
-                    let vocab = last_position_vocab(shape, rows)?;
-                    search.advance(&logits[..rows * vocab], vocab)
-                };
+                let done = advance_on_logits(&outputs, rows, search.as_mut())?;
                 for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
                     let v = outputs
                         .remove(slot.present.as_str())
@@ -346,14 +339,7 @@ impl OnnxT5 {
                     inputs.push((slot.input.as_str().into(), value.into()));
                 }
                 let mut outputs = self.decoder_with_past.run(inputs)?;
-                let done = {
-                    let (shape, logits) = outputs
-                        .get(LOGITS)
-                        .ok_or_else(|| EngineError::Model("decoder returned no logits".into()))?
-                        .try_extract_tensor::<f32>()?;
-                    let vocab = last_position_vocab(shape, rows)?;
-                    search.advance(&logits[..rows * vocab], vocab)
-                };
+                let done = advance_on_logits(&outputs, rows, search.as_mut())?;
                 for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
                     if slot.per_step {
                         *value = Some(outputs.remove(slot.present.as_str()).ok_or_else(|| {
@@ -383,6 +369,16 @@ impl OnnxT5 {
 
 /// Vocabulary size from logits shaped (rows, 1, vocab): one token is fed per step, so the
 /// last position's logits of all rows are the whole, contiguous tensor.
+/// Feeds one decoder step's last-position logits to the search; true when it is done.
+fn advance_on_logits(outputs: &SessionOutputs<'_>, rows: usize, search: &mut dyn Search) -> Result<bool, EngineError> {
+    let (shape, logits) = outputs
+        .get(LOGITS)
+        .ok_or_else(|| EngineError::Model("decoder returned no logits".into()))?
+        .try_extract_tensor::<f32>()?;
+    let vocab = last_position_vocab(shape, rows)?;
+    Ok(search.advance(&logits[..rows * vocab], vocab))
+}
+
 fn last_position_vocab(shape: &[i64], rows: usize) -> Result<usize, EngineError> {
     match shape {
         [r, 1, v] if *r as usize == rows && *v >= 1 => Ok(*v as usize),
