@@ -87,20 +87,8 @@ def _generation_config(model_dir: Path, max_new_tokens: int, fixed: bool):
     return GenerationConfig(**config)
 
 
-class PyTorchEngine(Engine):
-    name = "PyTorch generate (fp32)"
-
-    def __init__(self, checkpoint: Path, max_new_tokens: int, fixed: bool):
-        super().__init__(checkpoint / "tokenizer.json", max_new_tokens, fixed)
-        import torch
-        from transformers import T5ForConditionalGeneration
-
-        torch.set_num_threads(1)
-        self.torch = torch
-        self.model = T5ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        self.config = _generation_config(checkpoint, max_new_tokens, fixed)
-        self.detail = (f"transformers `generate`, torch {torch.__version__}, fp32 weights, "
-                       f"torch.set_num_threads(1), greedy, KV cache")
+class _GenerateEngine(Engine):
+    """Engines driven by Hugging Face `generate` (PyTorch and Optimum): set torch, model, config."""
 
     def generate_ids(self, input_ids):
         torch = self.torch
@@ -115,7 +103,23 @@ class PyTorchEngine(Engine):
         super().close()
 
 
-class OptimumEngine(Engine):
+class PyTorchEngine(_GenerateEngine):
+    name = "PyTorch generate (fp32)"
+
+    def __init__(self, checkpoint: Path, max_new_tokens: int, fixed: bool):
+        super().__init__(checkpoint / "tokenizer.json", max_new_tokens, fixed)
+        import torch
+        from transformers import T5ForConditionalGeneration
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = T5ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.config = _generation_config(checkpoint, max_new_tokens, fixed)
+        self.detail = (f"transformers `generate`, torch {torch.__version__}, fp32 weights, "
+                       f"torch.set_num_threads(1), greedy, KV cache")
+
+
+class OptimumEngine(_GenerateEngine):
     def __init__(self, onnx_dir: Path, label: str, max_new_tokens: int, fixed: bool):
         super().__init__(onnx_dir / "tokenizer.json", max_new_tokens, fixed)
         import onnxruntime as ort
@@ -136,17 +140,6 @@ class OptimumEngine(Engine):
         self.detail = (f"`ORTModelForSeq2SeqLM.generate` on `{_rel(onnx_dir)}`, onnxruntime {ort.__version__}, "
                        "use_cache=True, split decoders (no merged), intra_op_num_threads=1")
 
-    def generate_ids(self, input_ids):
-        torch = self.torch
-        ids = torch.tensor([input_ids], dtype=torch.long)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      generation_config=self.config)
-        return self._trim(out[0, 1:].tolist())
-
-    def close(self):
-        del self.model
-        super().close()
 
 
 class CTranslate2Engine(Engine):
