@@ -22,13 +22,11 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from . import subqueries as sq
 from .corpus import DEFAULT_CORPUS, Example, load_splits
-from .entities import NameFactory, augment, collect_names
+from .entities import collect_names
+from .epochs import EpochSource, encode
 from .metrics import MetricTable
 from .tokenizer import EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
 from .unseen import unseen_entity_set, copy_rate
-
-MAX_SOURCE_TOKENS = 96
-MAX_TARGET_TOKENS = 96
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="corpus.jsonl of the shared corpus")
     p.add_argument("--out", required=True, help="run directory (checkpoint/, curve.json)")
     p.add_argument("--init", help="local Hugging Face T5 checkpoint to fine-tune instead of training from scratch")
+    p.add_argument("--tokenizer", help="tokenizer.json to use instead of training one on the training split")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-kv", type=int, default=32)
@@ -57,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-loss-rows", type=int, default=500, help="validation rows for the validation loss")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes preparing augmented epochs ahead of the training loop (0: inline; use "
+                        "several on a GPU, where preparing an epoch takes longer than training on it)")
+    p.add_argument("--gen-batch-size", type=int, default=64, help="rows per generate() call in validation")
     p.add_argument("--limit-train", type=int, default=0, help="use only N training rows (tests)")
     p.add_argument("--limit-val", type=int, default=0, help="use only N validation rows (tests)")
     return p.parse_args(argv)
@@ -90,6 +93,8 @@ def build_model(args, tok: Tokenizer) -> T5ForConditionalGeneration:
 
 
 def load_or_train_tokenizer(args, train: list[Example]) -> Tokenizer:
+    if args.tokenizer:
+        return Tokenizer.from_file(args.tokenizer)
     if args.init:
         path = Path(args.init) / "tokenizer.json"
         if not path.exists():
@@ -97,14 +102,6 @@ def load_or_train_tokenizer(args, train: list[Example]) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     texts = [ex.query for ex in train] + [ex.target for ex in train]
     return train_tokenizer(texts, args.vocab_size)
-
-
-def encode(tok: Tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
-    src = tok.encode_batch([ex.query for ex in examples])
-    tgt = tok.encode_batch([ex.target for ex in examples])
-    return [(s.ids[:MAX_SOURCE_TOKENS - 1] + [EOS_ID] if len(s.ids) > MAX_SOURCE_TOKENS else s.ids,
-             t.ids[:MAX_TARGET_TOKENS - 1] + [EOS_ID] if len(t.ids) > MAX_TARGET_TOKENS else t.ids)
-            for s, t in zip(src, tgt)]
 
 
 def batches(pairs, batch_size: int, rng: random.Random, shuffle: bool):
@@ -187,13 +184,18 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}, device {device}", flush=True)
 
-    names = NameFactory(args.seed, collect_names(train))
+    epochs = EpochSource(tok, train, collect_names(train), args.seed, args.aug_rate, args.data_workers)
     val_pairs = encode(tok, val)
     val_rng = random.Random(args.seed + 1)
     val_sample = val_rng.sample(val, min(args.val_sample, len(val)))
     probe = unseen_entity_set(val, train, seed=args.seed + 2, limit=min(args.val_sample, 150))
 
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, foreach=True)
+    on_gpu = device.type == "cuda"
+    # fused AdamW is one kernel per step on a GPU; foreach is the fast path on CPU.
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
+                              **({"fused": True} if on_gpu else {"foreach": True}))
+    # bf16 autocast on a GPU (master weights stay fp32); plain fp32 on CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     budget = args.minutes * 60
@@ -218,25 +220,27 @@ def main(argv=None) -> None:
     while not done:
         epoch += 1
         model.train()
-        pairs = encode(tok, [augment(ex, names, args.aug_rate) for ex in train])
+        pairs = epochs.next()
         for src, mask, tgt in batches(pairs, args.batch_size, rng, shuffle=True):
             for group in optim.param_groups:
                 group["lr"] = args.lr * lr_factor(step)
-            loss = model(input_ids=src.to(device), attention_mask=mask.to(device), labels=tgt.to(device)).loss
+            with autocast:
+                loss = model(input_ids=src.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
+                             labels=tgt.to(device, non_blocking=True)).loss
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # no .item() here: it would wait for the GPU every step
             loss_n += 1
             step += 1
             if step % 25 == 0:
-                print(f"step {step} epoch {epoch} loss {loss_sum / loss_n:.4f} lr {optim.param_groups[0]['lr']:.2e} "
+                print(f"step {step} epoch {epoch} loss {float(loss_sum) / loss_n:.4f} lr {optim.param_groups[0]['lr']:.2e} "
                       f"elapsed {time.time() - started:.0f}s", flush=True)
             finished = progress(step) >= 1.0
             if step % eval_every == 0 or finished:
                 point = evaluate_point(model, tok, val_pairs, val_sample, probe, args, device)
-                point.update(step=step, epoch=round(step / steps_per_epoch, 2), train_loss=loss_sum / max(loss_n, 1),
+                point.update(step=step, epoch=round(step / steps_per_epoch, 2), train_loss=float(loss_sum) / max(loss_n, 1),
                              elapsed_seconds=round(time.time() - started, 1))
                 loss_sum, loss_n = 0.0, 0
                 curve.append(point)
@@ -252,16 +256,17 @@ def main(argv=None) -> None:
             if finished:
                 done = True
                 break
+    epochs.close()
 
 
 def evaluate_point(model, tok, val_pairs, val_sample, probe, args, device) -> dict:
     v_loss = validation_loss(model, val_pairs, args.batch_size * 2, device)
-    preds = generate(model, tok, [ex.query for ex in val_sample], device)
+    preds = generate(model, tok, [ex.query for ex in val_sample], device, args.gen_batch_size)
     table = MetricTable()
     for ex, text in zip(val_sample, preds):
         table.add(sq.split(text, ex.query), ex.subqueries, ex.kind)
     overall = table.rows()[0]
-    probe_preds = generate(model, tok, [ex.query for ex, _ in probe], device)
+    probe_preds = generate(model, tok, [ex.query for ex, _ in probe], device, args.gen_batch_size)
     return {"val_loss": v_loss, "val_rouge_l": overall.rouge_l, "val_exact_match": overall.exact_match,
             "unseen_entity_copy_rate": copy_rate(probe, probe_preds)}
 
