@@ -46,6 +46,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     floor = min(score for _, score in learned) - 1.0
     vocab = [(p, 0.0) for p in SPECIALS]
     vocab += [(p, floor) for p in BYTE_PIECES]
+    # The trainer orders pieces of equal score arbitrarily (17 of 2048 moved between two runs on
+    # the corpus), which would change their ids; score, then the piece itself, fixes the order.
+    learned = sorted(learned, key=lambda ps: (-round(ps[1], 9), ps[0]))
     vocab += [(p, s) for p, s in learned if p not in SPECIALS]
     tok = _pipeline(Tokenizer(Unigram(vocab, unk_id=UNK_ID, byte_fallback=True)))
     tok.add_special_tokens(SPECIALS)

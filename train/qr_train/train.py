@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder-layers", type=int, default=4)
     p.add_argument("--decoder-layers", type=int, default=3)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=12, help="passes over the training rows (ignored with --minutes)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training rows (ignored with --steps or --minutes)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train for exactly N optimizer steps (the schedule follows steps; the same on any hardware)")
     p.add_argument("--minutes", type=float, default=0,
                    help="train for this much wall time instead of --epochs; the learning-rate schedule "
                         "follows elapsed time, so the model is annealed when the budget ends")
@@ -197,8 +199,8 @@ def main(argv=None) -> None:
     # bf16 autocast on a GPU (master weights stay fp32); plain fp32 on CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    budget = args.minutes * 60
+    total_steps = args.steps or steps_per_epoch * args.epochs
+    budget = 0 if args.steps else args.minutes * 60
     started = time.time()
 
     def progress(step: int) -> float:

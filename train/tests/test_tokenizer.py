@@ -1,3 +1,4 @@
+import json
 import pytest
 from tokenizers import Tokenizer
 
@@ -36,3 +37,10 @@ def test_round_trip_without_unk(tok, text):
 def test_unseen_word_splits_into_known_pieces(tok):
     enc = tok.encode("Varenholt")
     assert len(enc.ids) > 2 and UNK_ID not in enc.ids
+
+
+def test_learned_pieces_have_a_deterministic_order():
+    texts = ["Nikola Tesla Lifespan", "Milutin Milankovic Lifespan", "Sky Tower Height", "aa bb cc dd"] * 20
+    vocab = json.loads(train_tokenizer(texts, 300).to_str())["model"]["vocab"]
+    learned = vocab[3 + 256:]
+    assert learned == sorted(learned, key=lambda ps: (-round(ps[1], 9), ps[0]))
