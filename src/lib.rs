@@ -1,7 +1,8 @@
 //! API crate of qreformulate: the generated gRPC types and stubs, the descriptor set for
-//! reflection, and the rules that server and client must share (subquery splitting and the
-//! evaluation metrics).
+//! reflection, and the rules that server and client must share (subquery splitting, the
+//! evaluation metrics, latency statistics).
 
+pub mod latency;
 pub mod metrics;
 pub mod subqueries;
 

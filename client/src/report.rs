@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use qreformulate::pb;
 use serde::Serialize;
 
@@ -22,25 +21,6 @@ pub struct Latency {
 }
 
 impl Latency {
-    /// From a histogram of microseconds; all zeros when it is empty.
-    pub fn from_micros(histogram: &Histogram<u64>) -> Self {
-        if histogram.is_empty() {
-            return Latency::default();
-        }
-        let ms = |us: u64| us as f64 / 1000.0;
-        Latency {
-            count: histogram.len(),
-            mean_ms: histogram.mean() / 1000.0,
-            median_ms: ms(histogram.value_at_quantile(0.5)),
-            std_ms: histogram.stdev() / 1000.0,
-            p90_ms: ms(histogram.value_at_quantile(0.90)),
-            p95_ms: ms(histogram.value_at_quantile(0.95)),
-            p99_ms: ms(histogram.value_at_quantile(0.99)),
-            max_ms: ms(histogram.max()),
-            min_ms: ms(histogram.min()),
-        }
-    }
-
     pub fn from_proto(stats: &pb::LatencyStats) -> Self {
         Latency {
             count: stats.count,
@@ -68,12 +48,6 @@ impl Latency {
             ("min", self.min_ms),
         ]
     }
-}
-
-/// A histogram of microseconds from 1 µs to one hour, 3 significant digits.
-pub fn micros_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3)
-        .expect("constant histogram bounds are valid; this is a bug")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -680,13 +654,14 @@ fn or_dash(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qreformulate::latency::LatencyRecorder;
 
-    fn histogram(values_us: &[u64]) -> Histogram<u64> {
-        let mut h = micros_histogram();
+    fn latency(values_us: &[u64]) -> Latency {
+        let mut recorder = LatencyRecorder::new();
         for v in values_us {
-            h.record(*v).unwrap();
+            recorder.record_micros(*v);
         }
-        h
+        Latency::from_proto(&recorder.summary())
     }
 
     fn sample_response() -> pb::ReformulateResponse {
@@ -755,9 +730,8 @@ mod tests {
     }
 
     #[test]
-    fn latency_from_histogram_converts_micros_to_ms() {
-        let h = histogram(&(1..=100).map(|i| i * 1000).collect::<Vec<_>>());
-        let l = Latency::from_micros(&h);
+    fn latency_from_recorder_converts_micros_to_ms() {
+        let l = latency(&(1..=100).map(|i| i * 1000).collect::<Vec<_>>());
         assert_eq!(l.count, 100);
         assert!((l.mean_ms - 50.5).abs() < 0.1, "{l:?}");
         assert!((l.median_ms - 50.0).abs() < 0.1, "{l:?}");
@@ -769,11 +743,8 @@ mod tests {
     }
 
     #[test]
-    fn empty_histogram_gives_zeros() {
-        assert_eq!(
-            Latency::from_micros(&micros_histogram()),
-            Latency::default()
-        );
+    fn empty_recorder_gives_zeros() {
+        assert_eq!(latency(&[]), Latency::default());
     }
 
     #[test]
@@ -818,7 +789,7 @@ mod tests {
     }
 
     fn sample_bench() -> BenchReport {
-        let latency = Latency::from_micros(&histogram(&[10_000, 20_000, 30_000]));
+        let latency = latency(&[10_000, 20_000, 30_000]);
         BenchReport {
             mode: "client",
             model_id: "qreformulate-t5".into(),

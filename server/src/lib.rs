@@ -16,7 +16,6 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod shutdown;
-pub mod stats;
 pub mod validate;
 
 pub use config::Config;

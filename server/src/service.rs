@@ -21,7 +21,7 @@ use crate::engine::{
     CancelToken, GenerateRequest, Generation,
 };
 use crate::error::ServiceError;
-use crate::stats::{ms, LatencyRecorder};
+use qreformulate::latency::{ms, LatencyRecorder};
 use crate::validate::{self, Limits, ValidRequest};
 
 /// Most examples one Evaluate call may stream.

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use qreformulate::latency::LatencyRecorder;
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -21,7 +21,7 @@ use crate::connect::Target;
 use crate::dataset;
 use crate::error::{code_name, normalise, ClientError};
 use crate::report::{
-    micros_histogram, rate, render_bench, render_server_bench, BenchReport, Latency,
+    rate, render_bench, render_server_bench, BenchReport, Latency,
     ServerBenchReport, ServerTimings,
 };
 
@@ -169,8 +169,8 @@ impl Plan {
 
 /// Running totals of a replay.
 struct Tally {
-    client_us: Histogram<u64>,
-    server_us: Histogram<u64>,
+    client: LatencyRecorder,
+    server: LatencyRecorder,
     ok: u64,
     errors: BTreeMap<String, u64>,
     tokenize_ms: f64,
@@ -186,8 +186,8 @@ struct Tally {
 impl Tally {
     fn new() -> Self {
         Tally {
-            client_us: micros_histogram(),
-            server_us: micros_histogram(),
+            client: LatencyRecorder::new(),
+            server: LatencyRecorder::new(),
             ok: 0,
             errors: BTreeMap::new(),
             tokenize_ms: 0.0,
@@ -204,10 +204,9 @@ impl Tally {
         match &sample.result {
             Ok(response) => {
                 self.ok += 1;
-                self.client_us.saturating_record(micros(sample.latency));
+                self.client.record(sample.latency);
                 if let Some(t) = &response.timings {
-                    self.server_us
-                        .saturating_record((t.total_ms * 1000.0).round().max(1.0) as u64);
+                    self.server.record_micros((t.total_ms * 1000.0).round() as u64);
                     if t.cached {
                         // A cache hit has only total_ms: keep it out of the phase means.
                         self.cached += 1;
@@ -243,9 +242,9 @@ impl Tally {
             warmup: args.warmup,
             wall_seconds: wall.as_secs_f64(),
             throughput_rps: rate(self.ok, wall.as_secs_f64()),
-            latency_ms: Latency::from_micros(&self.client_us),
+            latency_ms: Latency::from_proto(&self.client.summary()),
             server: ServerTimings {
-                latency_ms: Latency::from_micros(&self.server_us),
+                latency_ms: Latency::from_proto(&self.server.summary()),
                 mean_tokenize_ms: mean(self.tokenize_ms),
                 mean_encode_ms: mean(self.encode_ms),
                 mean_decode_ms: mean(self.decode_ms),
@@ -255,12 +254,6 @@ impl Tally {
             },
         }
     }
-}
-
-fn micros(duration: Duration) -> u64 {
-    u64::try_from(duration.as_micros())
-        .unwrap_or(u64::MAX)
-        .max(1)
 }
 
 async fn server_side(

@@ -1,9 +1,10 @@
-//! Latency statistics (microsecond resolution) with HdrHistogram.
+//! Latency statistics (microsecond resolution) with HdrHistogram, as the server's Benchmark and
+//! Evaluate RPCs and the client's bench report them (one recorder, one summary shape).
 
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use qreformulate::pb;
+use crate::pb;
 
 /// Highest latency the histogram resolves: one hour, in microseconds.
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -25,8 +26,13 @@ impl LatencyRecorder {
     }
 
     pub fn record(&mut self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
-        self.hist.saturating_record(micros);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.record_micros(micros);
+    }
+
+    /// Anything under one microsecond counts as one (the histogram's lowest value).
+    pub fn record_micros(&mut self, micros: u64) {
+        self.hist.saturating_record(micros.max(1));
     }
 
     pub fn count(&self) -> u64 {
