@@ -370,8 +370,12 @@ def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, wor
                     throughput_rps=raw["throughput_rps"], p50_ms=lat["median_ms"], p99_ms=lat["p99_ms"],
                     mean_ms=lat["mean_ms"], mean_tokens=raw["server"]["mean_generated_tokens"], raw=raw))
             log("cache: the repeated query computed every time (cache off)")
-            miss = server.bench(repeat_file, "--concurrency", "1", "--requests", "20", "--warmup", "1", *flags)
-            cache["miss_median_ms"] = miss["latency_ms"]["median_ms"]
+            # Also the tail at fixed work: one query, so answer length cannot spread the percentiles.
+            miss = server.bench(repeat_file, "--concurrency", "1", "--requests", str(args.cache_requests),
+                                "--warmup", "5", *flags)
+            cache.update(miss_median_ms=miss["latency_ms"]["median_ms"], miss_p99_ms=miss["latency_ms"]["p99_ms"],
+                         miss_requests=miss["requests"], miss_errors=miss["errors"],
+                         miss_tokens=miss["server"]["mean_generated_tokens"])
     except Exception as e:  # noqa: BLE001
         log(f"FAILED load measurement: {e}")
         conc["error"] = f"{type(e).__name__}: {e}"

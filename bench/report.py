@@ -182,6 +182,14 @@ def render_markdown(results: dict) -> str:
         if conc.get("error"):
             lines += [f"Failed: {_cell(conc['error'].splitlines()[0], 300)}", ""]
     cache = results.get("cache_hit")
+    if cache and cache.get("miss_p99_ms"):
+        ratio = cache["miss_p99_ms"] / cache["miss_median_ms"]
+        lines += ["## Tail latency at fixed work (qserver, shipped model)", "",
+                  f"The same query ({cache['miss_tokens']:.0f} new tokens) computed {cache['miss_requests']} times "
+                  f"at concurrency 1, cache off, same server as the load table: median {ms(cache['miss_median_ms'])} ms, "
+                  f"p99 {ms(cache['miss_p99_ms'])} ms (p99 / median {ratio:.2f}), {cache['miss_errors']} errors. "
+                  "Over the 60 different queries of the tables above, p99 / median also reflects answers of "
+                  "different lengths.", ""]
     if cache:
         lines += ["## Response cache", ""]
         if cache.get("error"):

@@ -56,7 +56,8 @@ def test_write_all(tmp_path):
         concurrency=dict(description="c", error=None, rows=[dict(concurrency=1, requests=3, errors=0,
                                                                   throughput_rps=50.0, p50_ms=19.0, p99_ms=30.0,
                                                                   mean_ms=20.0, mean_tokens=6.0)]),
-        cache_hit=dict(error=None, requests=5, cached=5, median_ms=0.3, p99_ms=0.5, miss_median_ms=19.0),
+        cache_hit=dict(error=None, requests=5, cached=5, median_ms=0.3, p99_ms=0.5, miss_median_ms=19.0,
+                       miss_p99_ms=28.5, miss_requests=5, miss_errors=0, miss_tokens=12.0),
         failures=[])
     md, js, png = report.write_all(results, tmp_path)
     text = md.read_text()
@@ -64,5 +65,6 @@ def test_write_all(tmp_path):
     assert "| CTranslate2 | 300 | 300 | 300 | 300 | 6 | 20 | 25.00× |" in text
     assert "| 1 | 3 | 50.0 | 19.0 | 30.0 | 20.0 | 6.0 | 0 |" in text
     assert "median 0.30 ms" in text
+    assert "p99 28.5 ms (p99 / median 1.50), 0 errors" in text
     assert json.loads(js.read_text())["models"][0]["engines"][0]["ratio"] == 1.0
     assert png.read_bytes()[:4] == b"\x89PNG"
