@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use crate::pb;
+use hdrhistogram::Histogram;
 
 /// Highest latency the histogram resolves: one hour, in microseconds.
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -21,7 +21,8 @@ impl Default for LatencyRecorder {
 
 impl LatencyRecorder {
     pub fn new() -> Self {
-        let hist = Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid; this is a bug");
+        let hist =
+            Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid; this is a bug");
         Self { hist }
     }
 

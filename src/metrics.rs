@@ -38,11 +38,7 @@ pub fn is_word_char(c: char) -> bool {
 /// Word tokens of the subqueries joined by a space, after lowercasing.
 pub fn word_tokens<S: AsRef<str>>(subqueries: &[S]) -> Vec<String> {
     let joined = subqueries.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" ").to_lowercase();
-    joined
-        .split(|c: char| !is_word_char(c))
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect()
+    joined.split(|c: char| !is_word_char(c)).filter(|t| !t.is_empty()).map(str::to_owned).collect()
 }
 
 /// Length of the longest common subsequence (two-row dynamic programme).

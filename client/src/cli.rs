@@ -12,12 +12,7 @@ use qreformulate::pb::GenerationOptions;
 #[command(name = "qclient", version, propagate_version = true)]
 pub struct Cli {
     /// Server address (http://host:port; a bare host:port gets http://).
-    #[arg(
-        long,
-        env = "QCLIENT_ADDR",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "QCLIENT_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
     pub addr: String,
 
     /// Deadline for each RPC in milliseconds, sent to the server as grpc-timeout and
@@ -213,9 +208,7 @@ mod tests {
     #[test]
     fn generation_options_default_to_server_defaults() {
         let cli = Cli::try_parse_from(["qclient", "reformulate", "q"]).unwrap();
-        let Command::Reformulate(args) = cli.command else {
-            panic!("wrong subcommand")
-        };
+        let Command::Reformulate(args) = cli.command else { panic!("wrong subcommand") };
         assert_eq!(args.generation.to_proto(), GenerationOptions::default());
         assert_eq!(args.queries, vec!["q"]);
     }
@@ -242,9 +235,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.timeout(), Some(Duration::from_millis(250)));
-        let Command::Reformulate(args) = cli.command else {
-            panic!("wrong subcommand")
-        };
+        let Command::Reformulate(args) = cli.command else { panic!("wrong subcommand") };
         assert!(args.queries.is_empty());
         let options = args.generation.to_proto();
         assert_eq!(options.max_new_tokens, 16);
@@ -259,8 +250,7 @@ mod tests {
 
     #[test]
     fn global_addr_works_after_the_subcommand() {
-        let cli =
-            Cli::try_parse_from(["qclient", "health", "--addr", "http://10.0.0.1:1"]).unwrap();
+        let cli = Cli::try_parse_from(["qclient", "health", "--addr", "http://10.0.0.1:1"]).unwrap();
         assert_eq!(cli.addr, "http://10.0.0.1:1");
     }
 

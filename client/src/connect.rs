@@ -19,16 +19,8 @@ pub struct Target {
 impl Target {
     /// Connects eagerly, so "connection refused" surfaces here as one clear error.
     pub async fn channel(&self) -> Result<Channel, ClientError> {
-        let endpoint = endpoint(&self.addr)?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true);
-        endpoint
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })
+        let endpoint = endpoint(&self.addr)?.connect_timeout(self.connect_timeout).tcp_nodelay(true);
+        endpoint.connect().await.map_err(|source| ClientError::Connect { addr: self.addr.clone(), source })
     }
 
     pub async fn reformulator(&self) -> Result<ReformulatorClient<Channel>, ClientError> {
@@ -51,28 +43,16 @@ pub fn with_timeout<T>(message: T, timeout: Option<Duration>) -> tonic::Request<
 
 /// Parses `--addr`; `host:port` without a scheme gets `http://`.
 pub fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let invalid = |reason: String| ClientError::InvalidAddress {
-        addr: addr.to_string(),
-        reason,
-    };
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let invalid = |reason: String| ClientError::InvalidAddress { addr: addr.to_string(), reason };
     let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(crate::error::chain(&e)))?;
     if endpoint.uri().host().is_none() {
         return Err(invalid("no host".to_string()));
     }
     match endpoint.uri().scheme_str() {
         Some("http") => Ok(endpoint),
-        Some("https") => Err(invalid(
-            "https is not supported (the server speaks plaintext HTTP/2)".to_string(),
-        )),
-        other => Err(invalid(format!(
-            "unsupported scheme {:?}, use http://",
-            other.unwrap_or("")
-        ))),
+        Some("https") => Err(invalid("https is not supported (the server speaks plaintext HTTP/2)".to_string())),
+        other => Err(invalid(format!("unsupported scheme {:?}, use http://", other.unwrap_or("")))),
     }
 }
 
@@ -88,31 +68,17 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_rejected_with_a_reason() {
-        for addr in [
-            "http://",
-            "ftp://host:1",
-            "https://host:1",
-            "http://bad host:1",
-        ] {
+        for addr in ["http://", "ftp://host:1", "https://host:1", "http://bad host:1"] {
             let err = endpoint(addr).unwrap_err().to_string();
-            assert!(
-                err.starts_with(&format!("invalid server address {addr:?}: ")),
-                "{err}"
-            );
+            assert!(err.starts_with(&format!("invalid server address {addr:?}: ")), "{err}");
         }
     }
 
     #[test]
     fn requests_carry_the_deadline() {
         let request = with_timeout((), Some(Duration::from_millis(1500)));
-        let header = request
-            .metadata()
-            .get("grpc-timeout")
-            .expect("grpc-timeout set");
+        let header = request.metadata().get("grpc-timeout").expect("grpc-timeout set");
         assert!(!header.is_empty());
-        assert!(with_timeout((), None)
-            .metadata()
-            .get("grpc-timeout")
-            .is_none());
+        assert!(with_timeout((), None).metadata().get("grpc-timeout").is_none());
     }
 }

@@ -19,10 +19,7 @@ pub struct DatasetError {
 
 impl DatasetError {
     fn new(line: usize, message: impl Into<String>) -> Self {
-        DatasetError {
-            line,
-            message: message.into(),
-        }
+        DatasetError { line, message: message.into() }
     }
 }
 
@@ -37,26 +34,19 @@ pub struct LabelledExample {
 
 /// Reads a whole file, naming it in the error.
 pub fn read_file(path: &Path) -> Result<String, ClientError> {
-    std::fs::read_to_string(path).map_err(|source| ClientError::ReadFile {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| ClientError::ReadFile { path: path.to_path_buf(), source })
 }
 
 /// Queries of a JSONL or plain-text file, in order.
 pub fn load_queries(path: &Path) -> Result<Vec<String>, ClientError> {
-    parse_queries(&read_file(path)?).map_err(|source| ClientError::Dataset {
-        origin: path.display().to_string(),
-        source,
-    })
+    parse_queries(&read_file(path)?)
+        .map_err(|source| ClientError::Dataset { origin: path.display().to_string(), source })
 }
 
 /// Labelled examples of a JSONL file, in order.
 pub fn load_labelled(path: &Path) -> Result<Vec<LabelledExample>, ClientError> {
-    parse_labelled(&read_file(path)?).map_err(|source| ClientError::Dataset {
-        origin: path.display().to_string(),
-        source,
-    })
+    parse_labelled(&read_file(path)?)
+        .map_err(|source| ClientError::Dataset { origin: path.display().to_string(), source })
 }
 
 /// Every query of `text`; blank lines skipped.
@@ -105,10 +95,7 @@ pub fn parse_labelled(text: &str) -> Result<Vec<LabelledExample>, DatasetError> 
                         other => {
                             return Err(DatasetError::new(
                                 line_no,
-                                format!(
-                                    "\"subqueries\" must hold strings, found {}",
-                                    type_name(other)
-                                ),
+                                format!("\"subqueries\" must hold strings, found {}", type_name(other)),
                             ))
                         }
                     }
@@ -140,11 +127,7 @@ pub fn parse_labelled(text: &str) -> Result<Vec<LabelledExample>, DatasetError> 
                 ))
             }
         };
-        examples.push(LabelledExample {
-            query,
-            subqueries,
-            kind,
-        });
+        examples.push(LabelledExample { query, subqueries, kind });
     }
     Ok(examples)
 }
@@ -153,47 +136,29 @@ pub fn parse_labelled(text: &str) -> Result<Vec<LabelledExample>, DatasetError> 
 /// (`qreformulate::subqueries::split`: trimmed, whitespace collapsed, duplicates dropped);
 /// empty when there is no non-blank part.
 pub fn split_subqueries(joined: &str) -> Vec<String> {
-    qreformulate::subqueries::split(joined, "")
-        .into_iter()
-        .filter(|part| !part.is_empty())
-        .collect()
+    qreformulate::subqueries::split(joined, "").into_iter().filter(|part| !part.is_empty()).collect()
 }
 
-fn parse_object(
-    line: &str,
-    line_no: usize,
-) -> Result<serde_json::Map<String, Value>, DatasetError> {
+fn parse_object(line: &str, line_no: usize) -> Result<serde_json::Map<String, Value>, DatasetError> {
     match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(object)) => Ok(object),
-        Ok(other) => Err(DatasetError::new(
-            line_no,
-            format!("expected a JSON object, found {}", type_name(&other)),
-        )),
+        Ok(other) => Err(DatasetError::new(line_no, format!("expected a JSON object, found {}", type_name(&other)))),
         Err(e) => {
             // serde_json appends "at line 1 column N"; every line is line 1 to it.
             let text = e.to_string();
-            let reason = text
-                .rfind(" at line ")
-                .map_or(text.as_str(), |i| &text[..i]);
-            Err(DatasetError::new(
-                line_no,
-                format!("invalid JSON: {reason} (column {})", e.column()),
-            ))
+            let reason = text.rfind(" at line ").map_or(text.as_str(), |i| &text[..i]);
+            Err(DatasetError::new(line_no, format!("invalid JSON: {reason} (column {})", e.column())))
         }
     }
 }
 
-fn query_field(
-    object: &serde_json::Map<String, Value>,
-    line_no: usize,
-) -> Result<String, DatasetError> {
+fn query_field(object: &serde_json::Map<String, Value>, line_no: usize) -> Result<String, DatasetError> {
     match object.get("query") {
         Some(Value::String(query)) if !query.trim().is_empty() => Ok(query.trim().to_string()),
         Some(Value::String(_)) => Err(DatasetError::new(line_no, "\"query\" is empty")),
-        Some(other) => Err(DatasetError::new(
-            line_no,
-            format!("\"query\" must be a string, found {}", type_name(other)),
-        )),
+        Some(other) => {
+            Err(DatasetError::new(line_no, format!("\"query\" must be a string, found {}", type_name(other))))
+        }
         None => Err(DatasetError::new(line_no, "missing \"query\" field")),
     }
 }
@@ -218,20 +183,14 @@ mod tests {
         let text = "{\"query\": \"Who lived longer, Nikola Tesla or Milutin Milankovic?\", \"kind\": \"comparison\"}\n\n   \n{\"query\":\"  padded  \"}\n";
         assert_eq!(
             parse_queries(text).unwrap(),
-            vec![
-                "Who lived longer, Nikola Tesla or Milutin Milankovic?".to_string(),
-                "padded".to_string()
-            ]
+            vec!["Who lived longer, Nikola Tesla or Milutin Milankovic?".to_string(), "padded".to_string()]
         );
     }
 
     #[test]
     fn plain_text_lines_are_queries() {
         let text = "first query\r\nsecond | not split\n\nthird\n";
-        assert_eq!(
-            parse_queries(text).unwrap(),
-            vec!["first query", "second | not split", "third"]
-        );
+        assert_eq!(parse_queries(text).unwrap(), vec!["first query", "second | not split", "third"]);
     }
 
     #[test]
@@ -245,27 +204,17 @@ mod tests {
         let text = "{\"query\": \"ok\"}\n\n{\"query\": \"broken\"\n";
         let err = parse_queries(text).unwrap_err();
         assert_eq!(err.line, 3);
-        assert!(
-            err.to_string()
-                .starts_with("line 3: invalid JSON: EOF while parsing an object (column "),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("line 3: invalid JSON: EOF while parsing an object (column "), "{err}");
     }
 
     #[test]
     fn missing_or_wrong_query_field_names_the_line() {
-        assert_eq!(
-            parse_queries("{\"q\": \"x\"}").unwrap_err(),
-            DatasetError::new(1, "missing \"query\" field")
-        );
+        assert_eq!(parse_queries("{\"q\": \"x\"}").unwrap_err(), DatasetError::new(1, "missing \"query\" field"));
         assert_eq!(
             parse_queries("a\n{\"query\": 3}").unwrap_err(),
             DatasetError::new(2, "\"query\" must be a string, found a number")
         );
-        assert_eq!(
-            parse_queries("{\"query\": \"  \"}").unwrap_err(),
-            DatasetError::new(1, "\"query\" is empty")
-        );
+        assert_eq!(parse_queries("{\"query\": \"  \"}").unwrap_err(), DatasetError::new(1, "\"query\" is empty"));
     }
 
     #[test]
@@ -282,17 +231,10 @@ mod tests {
             vec![
                 LabelledExample {
                     query: "Who lived longer, Nikola Tesla or Milutin Milankovic?".into(),
-                    subqueries: vec![
-                        "Nikola Tesla lifespan".into(),
-                        "Milutin Milankovic lifespan".into()
-                    ],
+                    subqueries: vec!["Nikola Tesla lifespan".into(), "Milutin Milankovic lifespan".into()],
                     kind: "comparison".into(),
                 },
-                LabelledExample {
-                    query: "q2".into(),
-                    subqueries: vec!["a".into(), "b".into()],
-                    kind: String::new(),
-                },
+                LabelledExample { query: "q2".into(), subqueries: vec!["a".into(), "b".into()], kind: String::new() },
             ]
         );
     }
@@ -306,21 +248,9 @@ mod tests {
                 2,
                 "\"subqueries\" must be a '|'-joined string or a list of strings, found a number",
             ),
-            (
-                "{\"query\": \"q\", \"subqueries\": [\"a\", 1]}",
-                1,
-                "\"subqueries\" must hold strings, found a number",
-            ),
-            (
-                "{\"query\": \"q\", \"subqueries\": \" | \"}",
-                1,
-                "\"subqueries\" is empty",
-            ),
-            (
-                "{\"query\": \"q\", \"subqueries\": \"a\", \"kind\": 2}",
-                1,
-                "\"kind\" must be a string, found a number",
-            ),
+            ("{\"query\": \"q\", \"subqueries\": [\"a\", 1]}", 1, "\"subqueries\" must hold strings, found a number"),
+            ("{\"query\": \"q\", \"subqueries\": \" | \"}", 1, "\"subqueries\" is empty"),
+            ("{\"query\": \"q\", \"subqueries\": \"a\", \"kind\": 2}", 1, "\"kind\" must be a string, found a number"),
             ("plain text", 1, ""),
             ("[1, 2]", 1, "expected a JSON object, found a list"),
         ];
@@ -346,9 +276,7 @@ mod tests {
         std::fs::write(&path, "{\"query\": \"ok\"}\n{oops}\n").unwrap();
         let err = load_queries(&path).unwrap_err().to_string();
         assert!(err.contains("bad.jsonl: line 2: invalid JSON"), "{err}");
-        let missing = load_queries(&dir.path().join("missing.jsonl"))
-            .unwrap_err()
-            .to_string();
+        let missing = load_queries(&dir.path().join("missing.jsonl")).unwrap_err().to_string();
         assert!(missing.starts_with("cannot read "), "{missing}");
     }
 }

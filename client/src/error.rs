@@ -25,10 +25,7 @@ pub enum ClientError {
 
     /// The server answered an RPC with a non-OK status.
     #[error("{rpc} failed: {}", StatusLine(.status))]
-    Rpc {
-        rpc: &'static str,
-        status: Box<tonic::Status>,
-    },
+    Rpc { rpc: &'static str, status: Box<tonic::Status> },
 
     /// An input file could not be read.
     #[error("cannot read {}: {source}", .path.display())]
@@ -61,17 +58,11 @@ pub enum ClientError {
 
 impl ClientError {
     pub fn rpc(rpc: &'static str, status: tonic::Status) -> Self {
-        ClientError::Rpc {
-            rpc,
-            status: Box::new(normalise(status)),
-        }
+        ClientError::Rpc { rpc, status: Box::new(normalise(status)) }
     }
 
     pub fn stdout(source: std::io::Error) -> Self {
-        ClientError::Io {
-            what: "cannot write to stdout",
-            source,
-        }
+        ClientError::Io { what: "cannot write to stdout", source }
     }
 
     /// True when stdout was closed by the reader (`qclient ... | head`): not worth an error.
@@ -93,9 +84,7 @@ pub fn normalise(status: tonic::Status) -> tonic::Status {
         source = e.source();
     }
     if timed_out {
-        tonic::Status::deadline_exceeded(
-            "the deadline (--timeout-ms) passed before the answer came",
-        )
+        tonic::Status::deadline_exceeded("the deadline (--timeout-ms) passed before the answer came")
     } else {
         status
     }
@@ -175,14 +164,8 @@ mod tests {
 
     #[test]
     fn rpc_error_names_code_and_message_on_one_line() {
-        let err = ClientError::rpc(
-            "Reformulate",
-            tonic::Status::invalid_argument("query is empty\n(after trimming)"),
-        );
-        assert_eq!(
-            err.to_string(),
-            "Reformulate failed: INVALID_ARGUMENT: query is empty (after trimming)"
-        );
+        let err = ClientError::rpc("Reformulate", tonic::Status::invalid_argument("query is empty\n(after trimming)"));
+        assert_eq!(err.to_string(), "Reformulate failed: INVALID_ARGUMENT: query is empty (after trimming)");
     }
 
     #[test]
@@ -193,10 +176,7 @@ mod tests {
             "Reformulate failed: DEADLINE_EXCEEDED: the deadline (--timeout-ms) passed before the answer came"
         );
         let other = ClientError::rpc("Reformulate", tonic::Status::cancelled("client went away"));
-        assert_eq!(
-            other.to_string(),
-            "Reformulate failed: CANCELLED: client went away"
-        );
+        assert_eq!(other.to_string(), "Reformulate failed: CANCELLED: client went away");
     }
 
     #[test]
@@ -210,8 +190,7 @@ mod tests {
         #[derive(Debug, thiserror::Error)]
         #[error("outer: connection refused")]
         struct Outer(#[source] std::io::Error);
-        let inner =
-            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
         assert_eq!(chain(&Outer(inner)), "outer: connection refused");
     }
 

@@ -107,11 +107,7 @@ pub struct ServerBenchReport {
 
 impl ServerBenchReport {
     pub fn from_proto(response: &pb::BenchmarkResponse, warmup: u64) -> Self {
-        let latency = response
-            .latency
-            .as_ref()
-            .map(Latency::from_proto)
-            .unwrap_or_default();
+        let latency = response.latency.as_ref().map(Latency::from_proto).unwrap_or_default();
         ServerBenchReport {
             mode: "server",
             model_id: response.model_id.clone(),
@@ -174,27 +170,19 @@ pub struct EvalReport {
 
 impl EvalReport {
     pub fn from_proto(response: &pb::EvaluateResponse) -> Self {
-        let overall = response
-            .overall
-            .as_ref()
-            .map(MetricRow::from)
-            .unwrap_or(MetricRow {
-                name: "overall".into(),
-                examples: 0,
-                exact_match: 0.0,
-                rouge_l: 0.0,
-                count_accuracy: 0.0,
-                levenshtein: 0.0,
-            });
+        let overall = response.overall.as_ref().map(MetricRow::from).unwrap_or(MetricRow {
+            name: "overall".into(),
+            examples: 0,
+            exact_match: 0.0,
+            rouge_l: 0.0,
+            count_accuracy: 0.0,
+            levenshtein: 0.0,
+        });
         EvalReport {
             model_id: response.model_id.clone(),
             overall,
             per_kind: response.per_kind.iter().map(MetricRow::from).collect(),
-            latency_ms: response
-                .latency
-                .as_ref()
-                .map(Latency::from_proto)
-                .unwrap_or_default(),
+            latency_ms: response.latency.as_ref().map(Latency::from_proto).unwrap_or_default(),
             examples: response
                 .examples
                 .iter()
@@ -281,11 +269,7 @@ impl AnswerJson {
             candidates: response
                 .candidates
                 .iter()
-                .map(|c| CandidateJson {
-                    subqueries: c.subqueries.clone(),
-                    text: c.text.clone(),
-                    score: c.score,
-                })
+                .map(|c| CandidateJson { subqueries: c.subqueries.clone(), text: c.text.clone(), score: c.score })
                 .collect(),
         }
     }
@@ -296,11 +280,7 @@ impl AnswerJson {
 
 /// The human form of one answer: the subqueries (one per line, or ` | `-joined), the
 /// candidates when there are several, and a latency line.
-pub fn render_answer(
-    response: &pb::ReformulateResponse,
-    latency: Duration,
-    joined: bool,
-) -> String {
+pub fn render_answer(response: &pb::ReformulateResponse, latency: Duration, joined: bool) -> String {
     let mut out = String::new();
     if joined {
         out.push_str(&response.subqueries.join(" | "));
@@ -314,12 +294,7 @@ pub fn render_answer(
     if !response.candidates.is_empty() {
         out.push_str("  candidates:\n");
         for (i, candidate) in response.candidates.iter().enumerate() {
-            out.push_str(&format!(
-                "  {:>3}. [{:.3}] {}\n",
-                i + 1,
-                candidate.score,
-                candidate.subqueries.join(" | ")
-            ));
+            out.push_str(&format!("  {:>3}. [{:.3}] {}\n", i + 1, candidate.score, candidate.subqueries.join(" | ")));
         }
     }
     out.push_str(&format!("  ({})\n", latency_line(response, latency)));
@@ -353,10 +328,7 @@ pub struct Section {
 
 impl Section {
     pub fn new(heading: Option<&str>, lines: Vec<String>) -> Self {
-        Section {
-            heading: heading.map(str::to_string),
-            lines,
-        }
+        Section { heading: heading.map(str::to_string), lines }
     }
 }
 
@@ -429,11 +401,7 @@ pub fn columns(rows: &[Vec<String>]) -> Vec<String> {
 
 /// Label/value lines: both columns left-aligned.
 pub fn pairs(rows: &[Vec<String>]) -> Vec<String> {
-    let label = rows
-        .iter()
-        .map(|r| r.first().map_or(0, |c| width(c)))
-        .max()
-        .unwrap_or(0);
+    let label = rows.iter().map(|r| r.first().map_or(0, |c| width(c))).max().unwrap_or(0);
     rows.iter()
         .map(|row| {
             let first = row.first().map_or("", String::as_str);
@@ -456,11 +424,7 @@ fn errors_line(errors_by_code: &BTreeMap<String, u64>) -> String {
     if errors_by_code.is_empty() {
         return "none".to_string();
     }
-    errors_by_code
-        .iter()
-        .map(|(code, n)| format!("{code} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The results box of a client-side bench.
@@ -472,54 +436,27 @@ pub fn render_bench(report: &BenchReport) -> String {
     };
     let summary = pairs(&[
         vec!["model".into(), or_dash(&report.model_id)],
-        vec![
-            "requests".into(),
-            format!("{} ok, {} errors", report.ok, report.errors),
-        ],
+        vec!["requests".into(), format!("{} ok, {} errors", report.ok, report.errors)],
         vec!["errors by code".into(), errors_line(&report.errors_by_code)],
-        vec![
-            "concurrency".into(),
-            format!("{} in flight over {connections}", report.concurrency),
-        ],
+        vec!["concurrency".into(), format!("{} in flight over {connections}", report.concurrency)],
         vec!["warm-up".into(), format!("{} requests", report.warmup)],
         vec!["wall time".into(), format!("{:.3} s", report.wall_seconds)],
-        vec![
-            "throughput".into(),
-            format!("{:.2} req/s", report.throughput_rps),
-        ],
+        vec!["throughput".into(), format!("{:.2} req/s", report.throughput_rps)],
     ]);
-    let mut latency = vec![vec![
-        String::new(),
-        "client ms".to_string(),
-        "server ms".to_string(),
-    ]];
-    for ((label, client), (_, server)) in report
-        .latency_ms
-        .rows()
-        .into_iter()
-        .zip(report.server.latency_ms.rows())
-    {
+    let mut latency = vec![vec![String::new(), "client ms".to_string(), "server ms".to_string()]];
+    for ((label, client), (_, server)) in report.latency_ms.rows().into_iter().zip(report.server.latency_ms.rows()) {
         latency.push(vec![label.to_string(), ms(client), ms(server)]);
     }
     let server = &report.server;
     let phases = pairs(&[
-        vec![
-            "tokenize".into(),
-            format!("{} ms", ms(server.mean_tokenize_ms)),
-        ],
+        vec!["tokenize".into(), format!("{} ms", ms(server.mean_tokenize_ms))],
         vec!["encode".into(), format!("{} ms", ms(server.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(server.mean_decode_ms))],
         vec![
             "generated tokens".into(),
-            format!(
-                "{:.1} per request ({} in all)",
-                server.mean_generated_tokens, server.generated_tokens
-            ),
+            format!("{:.1} per request ({} in all)", server.mean_generated_tokens, server.generated_tokens),
         ],
-        vec![
-            "cache hits".into(),
-            format!("{} (not in the means above)", server.cached),
-        ],
+        vec!["cache hits".into(), format!("{} (not in the means above)", server.cached)],
     ]);
     render_box(
         "qclient bench",
@@ -538,16 +475,10 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
         vec!["requests".into(), report.requests.to_string()],
         vec!["warm-up".into(), format!("{} requests", report.warmup)],
         vec!["wall time".into(), format!("{:.3} s", report.wall_seconds)],
-        vec![
-            "throughput".into(),
-            format!("{:.2} req/s", report.throughput_rps),
-        ],
+        vec!["throughput".into(), format!("{:.2} req/s", report.throughput_rps)],
         vec![
             "generated tokens".into(),
-            format!(
-                "{} ({:.1} tokens/s)",
-                report.generated_tokens, report.tokens_per_second
-            ),
+            format!("{} ({:.1} tokens/s)", report.generated_tokens, report.tokens_per_second),
         ],
     ]);
     let mut latency = vec![vec![String::new(), "server ms".to_string()]];
@@ -555,10 +486,7 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
         latency.push(vec![label.to_string(), ms(value)]);
     }
     let phases = pairs(&[
-        vec![
-            "tokenize".into(),
-            format!("{} ms", ms(report.mean_tokenize_ms)),
-        ],
+        vec!["tokenize".into(), format!("{} ms", ms(report.mean_tokenize_ms))],
         vec!["encode".into(), format!("{} ms", ms(report.mean_encode_ms))],
         vec!["decode".into(), format!("{} ms", ms(report.mean_decode_ms))],
     ]);
@@ -605,26 +533,16 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
             "max".into(),
             "min".into(),
         ],
-        std::iter::once("ms".to_string())
-            .chain(latency.rows().iter().map(|(_, v)| ms(*v)))
-            .collect(),
+        std::iter::once("ms".to_string()).chain(latency.rows().iter().map(|(_, v)| ms(*v))).collect(),
     ]);
     let sections = vec![
         Section::new(None, vec![format!("model {}", or_dash(&report.model_id))]),
         Section::new(Some("metrics"), columns(&rows)),
-        Section::new(
-            Some(&format!("latency over {} examples", latency.count)),
-            latency_lines,
-        ),
+        Section::new(Some(&format!("latency over {} examples", latency.count)), latency_lines),
     ];
     let mut out = render_box("qclient eval", &sections);
     // Examples go below the box: long queries would make it as wide as the longest one.
-    let wrong: Vec<&ExampleResult> = report
-        .examples
-        .iter()
-        .filter(|e| !e.exact_match)
-        .take(mismatches)
-        .collect();
+    let wrong: Vec<&ExampleResult> = report.examples.iter().filter(|e| !e.exact_match).take(mismatches).collect();
     if !wrong.is_empty() {
         out.push_str(&format!("\nmismatches (first {}):\n", wrong.len()));
         for example in wrong {
@@ -666,10 +584,7 @@ mod tests {
 
     fn sample_response() -> pb::ReformulateResponse {
         pb::ReformulateResponse {
-            subqueries: vec![
-                "Nikola Tesla lifespan".into(),
-                "Milutin Milankovic lifespan".into(),
-            ],
+            subqueries: vec!["Nikola Tesla lifespan".into(), "Milutin Milankovic lifespan".into()],
             candidates: vec![],
             timings: Some(pb::Timings {
                 tokenize_ms: 0.05,
@@ -693,20 +608,14 @@ mod tests {
             "Nikola Tesla lifespan\nMilutin Milankovic lifespan\n  (12.31 ms; server 10.05 ms: encode 1.20, decode 8.40 ms, 9 tokens)\n"
         );
         let joined = render_answer(&sample_response(), Duration::from_millis(3), true);
-        assert!(
-            joined.starts_with("Nikola Tesla lifespan | Milutin Milankovic lifespan\n"),
-            "{joined}"
-        );
+        assert!(joined.starts_with("Nikola Tesla lifespan | Milutin Milankovic lifespan\n"), "{joined}");
     }
 
     #[test]
     fn answer_shows_candidates_and_cache() {
         let mut response = sample_response();
-        response.candidates = vec![pb::Candidate {
-            subqueries: vec!["a".into(), "b".into()],
-            text: "a | b".into(),
-            score: -0.5,
-        }];
+        response.candidates =
+            vec![pb::Candidate { subqueries: vec!["a".into(), "b".into()], text: "a | b".into(), score: -0.5 }];
         response.timings.as_mut().unwrap().cached = true;
         let text = render_answer(&response, Duration::from_millis(1), false);
         assert!(text.contains("    1. [-0.500] a | b"), "{text}");
@@ -715,12 +624,9 @@ mod tests {
 
     #[test]
     fn answer_json_starts_with_the_three_keys() {
-        let json = serde_json::to_string(&AnswerJson::new(
-            "Who lived longer?",
-            &sample_response(),
-            Duration::from_millis(12),
-        ))
-        .unwrap();
+        let json =
+            serde_json::to_string(&AnswerJson::new("Who lived longer?", &sample_response(), Duration::from_millis(12)))
+                .unwrap();
         assert!(
             json.starts_with("{\"query\":\"Who lived longer?\",\"subqueries\":[\"Nikola Tesla lifespan\",\"Milutin Milankovic lifespan\"],\"latency_ms\":12.0,"),
             "{json}"
@@ -754,18 +660,12 @@ mod tests {
             vec!["mean".into(), "1.50".into()],
             vec!["median".into(), "12.25".into()],
         ]);
-        assert_eq!(
-            lines,
-            vec!["        client", "mean      1.50", "median   12.25"]
-        );
+        assert_eq!(lines, vec!["        client", "mean      1.50", "median   12.25"]);
     }
 
     #[test]
     fn pairs_align_labels_and_left_align_values() {
-        let lines = pairs(&[
-            vec!["model".into(), "m".into()],
-            vec!["wall time".into(), "0.5 s".into()],
-        ]);
+        let lines = pairs(&[vec!["model".into(), "m".into()], vec!["wall time".into(), "0.5 s".into()]]);
         assert_eq!(lines, vec!["model      m", "wall time  0.5 s"]);
     }
 
@@ -849,16 +749,7 @@ mod tests {
         assert_eq!(value["ok"], 3);
         assert_eq!(value["errors_by_code"]["DEADLINE_EXCEEDED"], 1);
         assert_eq!(value["latency_ms"]["count"], 3);
-        for key in [
-            "mean_ms",
-            "median_ms",
-            "std_ms",
-            "p90_ms",
-            "p95_ms",
-            "p99_ms",
-            "max_ms",
-            "min_ms",
-        ] {
+        for key in ["mean_ms", "median_ms", "std_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "min_ms"] {
             assert!(value["latency_ms"][key].is_number(), "{key}");
         }
         assert_eq!(value["server"]["generated_tokens"], 27);
@@ -878,10 +769,7 @@ mod tests {
             model_id: "m".into(),
             overall: row("overall", 2),
             per_kind: vec![row("comparison", 1), row("chaining", 1)],
-            latency_ms: Latency {
-                count: 2,
-                ..Latency::default()
-            },
+            latency_ms: Latency { count: 2, ..Latency::default() },
             examples: vec![
                 ExampleResult {
                     query: "good".into(),
@@ -905,18 +793,12 @@ mod tests {
         };
         let text = render_eval(&report, 5);
         let lines: Vec<&str> = text.lines().collect();
-        let header = lines
-            .iter()
-            .position(|l| l.contains("exact match"))
-            .unwrap();
+        let header = lines.iter().position(|l| l.contains("exact match")).unwrap();
         assert!(lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"));
         assert!(lines[header + 1].contains("overall"), "{text}");
         assert!(lines[header + 2].contains("comparison"), "{text}");
         assert!(lines[header + 3].contains("chaining"), "{text}");
-        assert!(
-            lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"),
-            "{text}"
-        );
+        assert!(lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"), "{text}");
         assert!(text.contains("latency over 2 examples"), "{text}");
         assert!(text.contains("\n  expected   x | y\n"), "{text}");
         assert!(text.contains("\n  kind       chaining\n"), "{text}");

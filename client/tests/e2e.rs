@@ -39,19 +39,13 @@ fn server() -> &'static str {
 fn start_server() -> Result<String, String> {
     let model = model_dir();
     if !model.is_dir() {
-        return Err(format!(
-            "model directory {} does not exist (set QREFORMULATE_TEST_MODEL)",
-            model.display()
-        ));
+        return Err(format!("model directory {} does not exist (set QREFORMULATE_TEST_MODEL)", model.display()));
     }
     let (tx, rx) = std::sync::mpsc::channel::<Result<String, String>>();
     // The server gets a runtime of its own that outlives every test (each #[test] is a
     // plain thread); it serves until the test process exits.
     std::thread::spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(e) => {
                 let _ = tx.send(Err(format!("tokio runtime: {e}")));
@@ -66,17 +60,10 @@ fn start_server() -> Result<String, String> {
                     return;
                 }
             };
-            let addr = format!(
-                "http://{}",
-                listener.local_addr().expect("bound socket has an address")
-            );
+            let addr = format!("http://{}", listener.local_addr().expect("bound socket has an address"));
             let model = model.to_string_lossy().into_owned();
             let config = qserver::Config::parse_from(["qserver", "--model", model.as_str()]);
-            let server = tokio::spawn(qserver::serve(
-                config,
-                listener,
-                std::future::pending::<()>(),
-            ));
+            let server = tokio::spawn(qserver::serve(config, listener, std::future::pending::<()>()));
             let deadline = Instant::now() + STARTUP_LIMIT;
             loop {
                 if server.is_finished() {
@@ -92,9 +79,7 @@ fn start_server() -> Result<String, String> {
                     break;
                 }
                 if Instant::now() > deadline {
-                    let _ = tx.send(Err(format!(
-                        "health did not report SERVING within {STARTUP_LIMIT:?}"
-                    )));
+                    let _ = tx.send(Err(format!("health did not report SERVING within {STARTUP_LIMIT:?}")));
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -103,8 +88,7 @@ fn start_server() -> Result<String, String> {
             let _ = server.await;
         });
     });
-    rx.recv()
-        .unwrap_or_else(|_| Err("server thread ended without a word".to_string()))
+    rx.recv().unwrap_or_else(|_| Err("server thread ended without a word".to_string()))
 }
 
 async fn serving(addr: &str) -> bool {
@@ -115,12 +99,7 @@ async fn serving(addr: &str) -> bool {
         return false;
     };
     let mut client = HealthClient::new(channel);
-    match client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-    {
+    match client.check(HealthCheckRequest { service: String::new() }).await {
         Ok(response) => response.into_inner().status == ServingStatus::Serving as i32,
         Err(_) => false,
     }
@@ -169,11 +148,7 @@ fn ok(output: &Output) -> String {
 
 /// Asserts a non-zero exit with exactly one `qclient: error: ...` line on stderr; returns it.
 fn one_line_error(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "expected failure, stdout:\n{}",
-        text(&output.stdout)
-    );
+    assert!(!output.status.success(), "expected failure, stdout:\n{}", text(&output.stdout));
     assert_eq!(output.status.code(), Some(1), "exit code");
     let stderr = text(&output.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
@@ -202,66 +177,28 @@ const QUERIES: [&str; 3] = [
 
 fn assert_answer(value: &Value, query: &str) {
     assert_eq!(value["query"], query, "{value}");
-    let subqueries = value["subqueries"]
-        .as_array()
-        .unwrap_or_else(|| panic!("subqueries: {value}"));
+    let subqueries = value["subqueries"].as_array().unwrap_or_else(|| panic!("subqueries: {value}"));
     assert!(!subqueries.is_empty(), "{value}");
-    assert!(
-        subqueries
-            .iter()
-            .all(|s| s.as_str().is_some_and(|s| !s.trim().is_empty())),
-        "{value}"
-    );
-    let latency = value["latency_ms"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("latency_ms: {value}"));
+    assert!(subqueries.iter().all(|s| s.as_str().is_some_and(|s| !s.trim().is_empty())), "{value}");
+    let latency = value["latency_ms"].as_f64().unwrap_or_else(|| panic!("latency_ms: {value}"));
     assert!(latency > 0.0, "{value}");
     assert!(value["server"]["total_ms"].as_f64().is_some(), "{value}");
 }
 
 fn assert_percentiles_ordered(latency: &Value) {
-    let get = |key: &str| {
-        latency[key]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{key}: {latency}"))
-    };
-    let order = [
-        "min_ms",
-        "median_ms",
-        "p90_ms",
-        "p95_ms",
-        "p99_ms",
-        "max_ms",
-    ];
+    let get = |key: &str| latency[key].as_f64().unwrap_or_else(|| panic!("{key}: {latency}"));
+    let order = ["min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"];
     for pair in order.windows(2) {
-        assert!(
-            get(pair[0]) <= get(pair[1]),
-            "{} > {}: {latency}",
-            pair[0],
-            pair[1]
-        );
+        assert!(get(pair[0]) <= get(pair[1]), "{} > {}: {latency}", pair[0], pair[1]);
     }
     assert!(get("min_ms") > 0.0, "{latency}");
-    assert!(
-        get("mean_ms") >= get("min_ms") && get("mean_ms") <= get("max_ms"),
-        "{latency}"
-    );
+    assert!(get("mean_ms") >= get("min_ms") && get("mean_ms") <= get("max_ms"), "{latency}");
     assert!(get("std_ms") >= 0.0, "{latency}");
 }
 
 #[test]
 fn reformulate_json_prints_one_object_per_query() {
-    let output = qclient(
-        &[
-            "--addr",
-            server(),
-            "reformulate",
-            "--json",
-            QUERIES[0],
-            QUERIES[1],
-        ],
-        None,
-    );
+    let output = qclient(&["--addr", server(), "reformulate", "--json", QUERIES[0], QUERIES[1]], None);
     let stdout = ok(&output);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
@@ -273,17 +210,7 @@ fn reformulate_json_prints_one_object_per_query() {
 #[test]
 fn reformulate_reads_one_query_per_stdin_line() {
     let input = format!("{}\n\n   \n{{\"query\": \"{}\"}}\n", QUERIES[0], QUERIES[2]);
-    let stdout = ok(&qclient(
-        &[
-            "--addr",
-            server(),
-            "reformulate",
-            "--json",
-            "--max-new-tokens",
-            "12",
-        ],
-        Some(&input),
-    ));
+    let stdout = ok(&qclient(&["--addr", server(), "reformulate", "--json", "--max-new-tokens", "12"], Some(&input)));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert_answer(&json(lines[0]), QUERIES[0]);
@@ -292,31 +219,20 @@ fn reformulate_reads_one_query_per_stdin_line() {
 
 #[test]
 fn reformulate_text_mode_prints_subqueries_and_latency() {
-    let stdout = ok(&qclient(
-        &["--addr", server(), "reformulate", QUERIES[0]],
-        None,
-    ));
+    let stdout = ok(&qclient(&["--addr", server(), "reformulate", QUERIES[0]], None));
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.len() >= 2, "{stdout}");
     assert!(!lines[0].trim().is_empty(), "{stdout}");
     let last = lines.last().unwrap();
-    assert!(
-        last.starts_with("  (") && last.contains(" ms; server "),
-        "{stdout}"
-    );
+    assert!(last.starts_with("  (") && last.contains(" ms; server "), "{stdout}");
 }
 
 #[test]
 fn bad_stdin_line_is_one_error_naming_the_line() {
-    let output = qclient(
-        &["--addr", server(), "reformulate", "--json"],
-        Some(&format!("{}\n{{\"query\": 7}}\n", QUERIES[0])),
-    );
+    let output =
+        qclient(&["--addr", server(), "reformulate", "--json"], Some(&format!("{}\n{{\"query\": 7}}\n", QUERIES[0])));
     let line = one_line_error(&output);
-    assert!(
-        line.contains("stdin: line 2: \"query\" must be a string"),
-        "{line}"
-    );
+    assert!(line.contains("stdin: line 2: \"query\" must be a string"), "{line}");
     // The good first line was answered before the bad one was read.
     assert_eq!(text(&output.stdout).lines().count(), 1);
 }
@@ -324,19 +240,10 @@ fn bad_stdin_line_is_one_error_naming_the_line() {
 #[test]
 fn chat_over_a_pipe_answers_until_quit() {
     let input = format!("{}\n\n:quit\n{}\n", QUERIES[0], QUERIES[1]);
-    let stdout = ok(&qclient(
-        &["--addr", server(), "chat", "--joined"],
-        Some(&input),
-    ));
-    assert!(
-        stdout.starts_with(&format!("> {}\n", QUERIES[0])),
-        "{stdout}"
-    );
+    let stdout = ok(&qclient(&["--addr", server(), "chat", "--joined"], Some(&input)));
+    assert!(stdout.starts_with(&format!("> {}\n", QUERIES[0])), "{stdout}");
     assert!(stdout.contains(" ms; server "), "{stdout}");
-    assert!(
-        !stdout.contains(QUERIES[1]),
-        "answered past :quit:\n{stdout}"
-    );
+    assert!(!stdout.contains(QUERIES[1]), "answered past :quit:\n{stdout}");
     // End of input also ends the chat.
     ok(&qclient(&["--addr", server(), "chat"], Some(QUERIES[2])));
 }
@@ -383,33 +290,16 @@ fn bench_json_accounts_for_every_request() {
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0, "{report}");
     let server = &report["server"];
     assert_eq!(server["latency_ms"]["count"], 7, "{report}");
-    assert!(
-        server["mean_decode_ms"].as_f64().unwrap() >= 0.0,
-        "{report}"
-    );
+    assert!(server["mean_decode_ms"].as_f64().unwrap() >= 0.0, "{report}");
     // --max-new-tokens 8 bounds every generation.
-    assert!(
-        server["mean_generated_tokens"].as_f64().unwrap() <= 8.0,
-        "{report}"
-    );
+    assert!(server["mean_generated_tokens"].as_f64().unwrap() <= 8.0, "{report}");
 }
 
 #[test]
 fn bench_text_mode_prints_the_results_box() {
     let (_dir, path) = temp_file("queries.txt", &format!("{}\n{}\n", QUERIES[0], QUERIES[1]));
-    let stdout = ok(&qclient(
-        &["--addr", server(), "bench", &path, "-c", "2"],
-        None,
-    ));
-    for needle in [
-        "qclient bench",
-        "2 ok, 0 errors",
-        "throughput",
-        "client ms",
-        "server ms",
-        "p99",
-        "decode",
-    ] {
+    let stdout = ok(&qclient(&["--addr", server(), "bench", &path, "-c", "2"], None));
+    for needle in ["qclient bench", "2 ok, 0 errors", "throughput", "client ms", "server ms", "p99", "decode"] {
         assert!(stdout.contains(needle), "missing {needle:?}:\n{stdout}");
     }
 }
@@ -418,18 +308,7 @@ fn bench_text_mode_prints_the_results_box() {
 fn bench_server_side_reports_the_servers_replay() {
     let (_dir, path) = temp_file("queries.txt", &format!("{}\n{}\n", QUERIES[0], QUERIES[2]));
     let stdout = ok(&qclient(
-        &[
-            "--addr",
-            server(),
-            "bench",
-            &path,
-            "--server-side",
-            "--json",
-            "--requests",
-            "5",
-            "--max-new-tokens",
-            "8",
-        ],
+        &["--addr", server(), "bench", &path, "--server-side", "--json", "--requests", "5", "--max-new-tokens", "8"],
         None,
     ));
     let report = json(&stdout);
@@ -451,35 +330,21 @@ fn eval_json_has_overall_and_per_kind_rows() {
         QUERIES[0], QUERIES[1], QUERIES[2]
     );
     let (_dir, path) = temp_file("labelled.jsonl", &contents);
-    let report = json(&ok(&qclient(
-        &["--addr", server(), "eval", &path, "--json"],
-        None,
-    )));
+    let report = json(&ok(&qclient(&["--addr", server(), "eval", &path, "--json"], None)));
     assert_eq!(report["overall"]["name"], "overall", "{report}");
     assert_eq!(report["overall"]["examples"], 3, "{report}");
     let mut kinds: Vec<(String, u64)> = report["per_kind"]
         .as_array()
         .unwrap_or_else(|| panic!("per_kind: {report}"))
         .iter()
-        .map(|row| {
-            (
-                row["name"].as_str().unwrap().to_string(),
-                row["examples"].as_u64().unwrap(),
-            )
-        })
+        .map(|row| (row["name"].as_str().unwrap().to_string(), row["examples"].as_u64().unwrap()))
         .collect();
     kinds.sort();
-    assert_eq!(
-        kinds,
-        vec![("chaining".to_string(), 1), ("comparison".to_string(), 2)],
-        "{report}"
-    );
+    assert_eq!(kinds, vec![("chaining".to_string(), 1), ("comparison".to_string(), 2)], "{report}");
     let rows = std::iter::once(&report["overall"]).chain(report["per_kind"].as_array().unwrap());
     for row in rows {
         for metric in ["exact_match", "rouge_l", "count_accuracy", "levenshtein"] {
-            let v = row[metric]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{metric}: {row}"));
+            let v = row[metric].as_f64().unwrap_or_else(|| panic!("{metric}: {row}"));
             assert!((0.0..=1.0).contains(&v), "{metric} = {v}: {row}");
         }
     }
@@ -502,15 +367,9 @@ fn eval_text_mode_prints_the_metric_table() {
     );
     let (_dir, path) = temp_file("labelled.jsonl", &contents);
     let stdout = ok(&qclient(&["--addr", server(), "eval", &path], None));
-    let header = stdout
-        .lines()
-        .position(|l| l.contains("exact match"))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let header = stdout.lines().position(|l| l.contains("exact match")).unwrap_or_else(|| panic!("{stdout}"));
     let lines: Vec<&str> = stdout.lines().collect();
-    assert!(
-        lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"),
-        "{stdout}"
-    );
+    assert!(lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"), "{stdout}");
     assert!(lines[header + 1].contains("overall"), "{stdout}");
     assert!(lines[header + 2].contains("expansion"), "{stdout}");
     assert!(stdout.contains("p99"), "{stdout}");
@@ -520,25 +379,13 @@ fn eval_text_mode_prints_the_metric_table() {
 fn health_of_a_warm_server_is_serving() {
     let output = qclient(&["--addr", server(), "health"], None);
     assert_eq!(ok(&output), "SERVING\n");
-    let output = qclient(
-        &[
-            "--addr",
-            server(),
-            "health",
-            "--service",
-            "qreformulate.v1.Reformulator",
-        ],
-        None,
-    );
+    let output = qclient(&["--addr", server(), "health", "--service", "qreformulate.v1.Reformulator"], None);
     assert_eq!(ok(&output), "SERVING\n");
 }
 
 #[test]
 fn health_of_an_unknown_service_is_a_grpc_error() {
-    let line = one_line_error(&qclient(
-        &["--addr", server(), "health", "--service", "no.such.Service"],
-        None,
-    ));
+    let line = one_line_error(&qclient(&["--addr", server(), "health", "--service", "no.such.Service"], None));
     assert!(line.contains("Health/Check failed: NOT_FOUND"), "{line}");
 }
 
@@ -558,10 +405,7 @@ fn closed_port_is_one_line_connection_error() {
         vec!["--addr", addr.as_str(), "chat"],
     ] {
         let line = one_line_error(&qclient(&args, Some("q\n")));
-        assert!(
-            line.starts_with(&format!("qclient: error: cannot connect to {addr}: ")),
-            "{line}"
-        );
+        assert!(line.starts_with(&format!("qclient: error: cannot connect to {addr}: ")), "{line}");
         assert!(line.to_lowercase().contains("refused"), "{line}");
     }
 }
@@ -569,21 +413,12 @@ fn closed_port_is_one_line_connection_error() {
 #[test]
 fn bad_files_are_one_line_errors_before_connecting() {
     let addr = closed_port_addr();
-    let (_dir, path) = temp_file(
-        "bad.jsonl",
-        "{\"query\": \"fine\"}\n\n{\"query\": \"broken\n",
-    );
+    let (_dir, path) = temp_file("bad.jsonl", "{\"query\": \"fine\"}\n\n{\"query\": \"broken\n");
     let line = one_line_error(&qclient(&["--addr", &addr, "bench", &path], None));
     assert!(line.contains("bad.jsonl: line 3: invalid JSON"), "{line}");
     let (_dir2, labelled) = temp_file("labels.jsonl", "{\"query\": \"q\", \"subqueries\": 3}\n");
     let line = one_line_error(&qclient(&["--addr", &addr, "eval", &labelled], None));
-    assert!(
-        line.contains("labels.jsonl: line 1: \"subqueries\" must be"),
-        "{line}"
-    );
-    let line = one_line_error(&qclient(
-        &["--addr", &addr, "eval", "/no/such/file.jsonl"],
-        None,
-    ));
+    assert!(line.contains("labels.jsonl: line 1: \"subqueries\" must be"), "{line}");
+    let line = one_line_error(&qclient(&["--addr", &addr, "eval", "/no/such/file.jsonl"], None));
     assert!(line.contains("cannot read /no/such/file.jsonl"), "{line}");
 }

@@ -17,14 +17,19 @@ fn main() {
     // Optional: deadline in microseconds after the start of each generation.
     let deadline_us = args.get(4).copied();
     let env = qserver::runtime::init(None).unwrap();
-    let dir = Arc::new(ModelDir::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5"))).unwrap());
+    let dir =
+        Arc::new(ModelDir::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5"))).unwrap());
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let env = env.clone();
             let dir = Arc::clone(&dir);
             std::thread::spawn(move || {
                 let mut e = OnnxT5::load(&env, &dir, &SessionSettings::new(1)).unwrap();
-                let search = if beams > 1 { SearchKind::Beam { num_beams: beams, num_return_sequences: 1 } } else { SearchKind::Greedy };
+                let search = if beams > 1 {
+                    SearchKind::Beam { num_beams: beams, num_return_sequences: 1 }
+                } else {
+                    SearchKind::Greedy
+                };
                 let req = GenerateRequest {
                     query: format!("Who lived longer, Nikola Tesla or Milutin Milankovic? {t}"),
                     params: GenerationParams { max_new_tokens: tokens, search, ignore_eos: true },
@@ -34,7 +39,8 @@ fn main() {
                 let mut errors = 0;
                 let started = std::time::Instant::now();
                 for _ in 0..iters {
-                    let deadline = deadline_us.map(|us| std::time::Instant::now() + std::time::Duration::from_micros(us as u64));
+                    let deadline =
+                        deadline_us.map(|us| std::time::Instant::now() + std::time::Duration::from_micros(us as u64));
                     match e.generate(&req, &CancelToken::new(deadline)) {
                         Err(qserver::engine::EngineError::DeadlineExceeded { .. }) => {}
                         Err(err) => {
@@ -44,7 +50,10 @@ fn main() {
                         Ok(_) => {}
                     }
                 }
-                println!("thread {t}: {iters} runs, {errors} errors, {:.2} ms/run", started.elapsed().as_secs_f64() * 1e3 / iters as f64);
+                println!(
+                    "thread {t}: {iters} runs, {errors} errors, {:.2} ms/run",
+                    started.elapsed().as_secs_f64() * 1e3 / iters as f64
+                );
             })
         })
         .collect();

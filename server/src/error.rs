@@ -103,7 +103,10 @@ mod tests {
     fn engine_errors_map_to_service_errors() {
         let too_long = ServiceError::from(EngineError::TooManyTokens { tokens: 300, limit: 256 });
         assert!(matches!(too_long, ServiceError::InvalidArgument(ref m) if m.contains("300") && m.contains("256")));
-        assert!(matches!(ServiceError::from(EngineError::DeadlineExceeded { generated: 3 }), ServiceError::DeadlineExceeded(_)));
+        assert!(matches!(
+            ServiceError::from(EngineError::DeadlineExceeded { generated: 3 }),
+            ServiceError::DeadlineExceeded(_)
+        ));
         assert!(matches!(ServiceError::from(EngineError::Cancelled), ServiceError::Cancelled(_)));
         assert!(matches!(ServiceError::from(EngineError::Runtime("x".into())), ServiceError::Internal(_)));
     }

@@ -10,8 +10,7 @@ use crate::error::ServerError;
 /// Installs the global subscriber. Errors on a bad filter or when one is already set.
 pub fn init(format: LogFormat, level: &str) -> Result<(), ServerError> {
     let filter = EnvFilter::try_new(level).map_err(|e| ServerError::Logging(format!("--log-level {level:?}: {e}")))?;
-    let builder =
-        fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

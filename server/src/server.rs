@@ -85,7 +85,12 @@ pub async fn serve(
                 .unwrap_or_else(|e| Err(ModelError::WarmUp(format!("loader task failed: {e}"))));
             match result {
                 Ok(pool) => {
-                    tracing::info!(model_id = pool.model_id(), workers = pool.size(), ms = started.elapsed().as_millis() as u64, "model ready; SERVING");
+                    tracing::info!(
+                        model_id = pool.model_id(),
+                        workers = pool.size(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "model ready; SERVING"
+                    );
                     shared.set_pool(pool);
                     health.set(true).await;
                 }
@@ -107,12 +112,7 @@ pub async fn serve(
                 tick.tick().await;
                 let c = &shared.counters;
                 let cache = shared.cache_stats();
-                let now = (
-                    c.ok.load(Ordering::Relaxed),
-                    c.failed.load(Ordering::Relaxed),
-                    cache.hits,
-                    cache.misses,
-                );
+                let now = (c.ok.load(Ordering::Relaxed), c.failed.load(Ordering::Relaxed), cache.hits, cache.misses);
                 if now != last {
                     tracing::info!(
                         ok = now.0,

@@ -21,8 +21,8 @@ use crate::engine::{
     CancelToken, GenerateRequest, Generation,
 };
 use crate::error::ServiceError;
-use qreformulate::latency::{ms, LatencyRecorder};
 use crate::validate::{self, Limits, ValidRequest};
+use qreformulate::latency::{ms, LatencyRecorder};
 
 /// Most examples one Evaluate call may stream.
 pub const MAX_EVALUATE_EXAMPLES: usize = 100_000;
@@ -145,7 +145,8 @@ impl Shared {
         let key = self.cache.enabled().then(|| CacheKey::new(&valid));
         if let Some(hit) = key.as_ref().and_then(|k| self.cache.get(k)) {
             let mut response = (*hit).clone();
-            response.timings = Some(pb::Timings { total_ms: ms(received.elapsed()), cached: true, ..Default::default() });
+            response.timings =
+                Some(pb::Timings { total_ms: ms(received.elapsed()), cached: true, ..Default::default() });
             return Ok(response);
         }
         let _permit = self.admit()?;

@@ -137,7 +137,11 @@ pub fn options(opts: &pb::GenerationOptions, limits: &Limits) -> Result<(Generat
 }
 
 /// Checks a whole request (missing options = all defaults).
-pub fn request(raw_query: &str, opts: Option<&pb::GenerationOptions>, limits: &Limits) -> Result<ValidRequest, ServiceError> {
+pub fn request(
+    raw_query: &str,
+    opts: Option<&pb::GenerationOptions>,
+    limits: &Limits,
+) -> Result<ValidRequest, ServiceError> {
     let query = query(raw_query, limits)?;
     let (params, truncate) = options(opts.unwrap_or(&pb::GenerationOptions::default()), limits)?;
     Ok(ValidRequest { query, params, truncate })

@@ -35,7 +35,9 @@ fn greedy_output_only_writes_allowed_capitalised_words() {
     assert!(model.constraint.is_some());
     let mut engine = OnnxT5::load(&env, &model, &SessionSettings::new(1)).unwrap();
     assert!(engine.constrained());
-    for query in ["Who lived longer, Nikola Tesla or Milutin Milankovic?", "When was Ada Lovelace born?", "tesla coil inventor"] {
+    for query in
+        ["Who lived longer, Nikola Tesla or Milutin Milankovic?", "When was Ada Lovelace born?", "tesla coil inventor"]
+    {
         let mut allowed = query_words(query);
         allowed.extend(["Lifespan".to_owned(), "Birth".to_owned()]);
         let req = GenerateRequest {

@@ -248,11 +248,20 @@ async fn out_of_range_options_are_invalid_argument() {
     let cases: Vec<(GenerationOptions, Vec<&str>)> = vec![
         (GenerationOptions { max_new_tokens: 257, ..Default::default() }, vec!["max_new_tokens", "257", "256"]),
         (GenerationOptions { num_beams: 9, ..Default::default() }, vec!["num_beams", "9", "8"]),
-        (GenerationOptions { num_beams: 2, num_return_sequences: 3, ..Default::default() }, vec!["num_return_sequences", "3"]),
+        (
+            GenerationOptions { num_beams: 2, num_return_sequences: 3, ..Default::default() },
+            vec!["num_return_sequences", "3"],
+        ),
         (GenerationOptions { num_return_sequences: 2, ..Default::default() }, vec!["num_return_sequences", "greedy"]),
-        (GenerationOptions { do_sample: true, num_return_sequences: 9, ..Default::default() }, vec!["num_return_sequences", "9", "8"]),
+        (
+            GenerationOptions { do_sample: true, num_return_sequences: 9, ..Default::default() },
+            vec!["num_return_sequences", "9", "8"],
+        ),
         (GenerationOptions { do_sample: true, temperature: -0.5, ..Default::default() }, vec!["temperature", "-0.5"]),
-        (GenerationOptions { do_sample: true, temperature: f32::NAN, ..Default::default() }, vec!["temperature", "NaN"]),
+        (
+            GenerationOptions { do_sample: true, temperature: f32::NAN, ..Default::default() },
+            vec!["temperature", "NaN"],
+        ),
         (GenerationOptions { do_sample: true, num_beams: 3, ..Default::default() }, vec!["do_sample", "num_beams"]),
     ];
     for (opts, needles) in cases {
@@ -280,7 +289,8 @@ async fn client_deadline_stops_generation_and_server_keeps_serving() {
 
 #[tokio::test]
 async fn overload_is_resource_exhausted_not_queued() {
-    let server = TestServer::start(&["--workers", "1", "--max-concurrent-requests", "1", "--cache-capacity", "0"]).await;
+    let server =
+        TestServer::start(&["--workers", "1", "--max-concurrent-requests", "1", "--cache-capacity", "0"]).await;
     let c = client(server.addr).await;
     let long = GenerationOptions { ignore_eos: true, max_new_tokens: 256, num_beams: 8, ..Default::default() };
     let calls: Vec<_> = (0..8)
@@ -337,7 +347,10 @@ async fn reflection_lists_the_service() {
     let addr = shared_server();
     common::wait_serving(addr).await;
     let mut r = ServerReflectionClient::new(common::channel(addr).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = r.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let reply = stream.message().await.unwrap().expect("one reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {

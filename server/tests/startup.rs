@@ -92,9 +92,20 @@ fn binary_help_documents_every_flag() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--listen", "--model", "--ort-dylib", "--workers", "--intra-op-threads", "--max-concurrent-requests",
-        "--max-query-chars", "--max-input-tokens", "--default-max-new-tokens", "--max-new-tokens-limit",
-        "--cache-capacity", "--grace-period-secs", "--log-format", "--log-level",
+        "--listen",
+        "--model",
+        "--ort-dylib",
+        "--workers",
+        "--intra-op-threads",
+        "--max-concurrent-requests",
+        "--max-query-chars",
+        "--max-input-tokens",
+        "--default-max-new-tokens",
+        "--max-new-tokens-limit",
+        "--cache-capacity",
+        "--grace-period-secs",
+        "--log-format",
+        "--log-level",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

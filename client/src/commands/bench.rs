@@ -20,18 +20,12 @@ use crate::cli::BenchArgs;
 use crate::connect::Target;
 use crate::dataset;
 use crate::error::{code_name, normalise, ClientError};
-use crate::report::{
-    rate, render_bench, render_server_bench, BenchReport, Latency,
-    ServerBenchReport, ServerTimings,
-};
+use crate::report::{rate, render_bench, render_server_bench, BenchReport, Latency, ServerBenchReport, ServerTimings};
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientError> {
     let queries = dataset::load_queries(&args.file)?;
     if queries.is_empty() {
-        return Err(ClientError::Usage(format!(
-            "{}: no queries (the file has only blank lines)",
-            args.file.display()
-        )));
+        return Err(ClientError::Usage(format!("{}: no queries (the file has only blank lines)", args.file.display())));
     }
     let requests = args.requests.unwrap_or(queries.len() as u64);
     let mut options = args.generation.to_proto();
@@ -67,8 +61,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientErr
 
     let report = tally.report(&args, wall);
     if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .expect("a bench report always serialises; this is a bug");
+        let text = serde_json::to_string_pretty(&report).expect("a bench report always serialises; this is a bug");
         print(&format!("{text}\n"))?;
     } else {
         print(&render_bench(&report))?;
@@ -77,12 +70,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientErr
         return Err(ClientError::Usage(format!(
             "all {} requests failed ({})",
             report.requests,
-            report
-                .errors_by_code
-                .iter()
-                .map(|(code, n)| format!("{code} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            report.errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", ")
         )));
     }
     Ok(ExitCode::SUCCESS)
@@ -137,19 +125,14 @@ impl Plan {
                     }
                     let query = &queries[(index % queries.len() as u64) as usize];
                     let request = crate::connect::with_timeout(
-                        pb::ReformulateRequest {
-                            query: query.clone(),
-                            options: Some(options),
-                        },
+                        pb::ReformulateRequest { query: query.clone(), options: Some(options) },
                         timeout,
                     );
                     let start = Instant::now();
                     let result = client.reformulate(request).await;
                     let sample = Sample {
                         latency: start.elapsed(),
-                        result: result
-                            .map(|r| r.into_inner())
-                            .map_err(|s| normalise(s).code()),
+                        result: result.map(|r| r.into_inner()).map_err(|s| normalise(s).code()),
                     };
                     if tx.send(sample).is_err() {
                         break;
@@ -265,18 +248,10 @@ async fn server_side(
 ) -> Result<ExitCode, ClientError> {
     let mut client = target.reformulator().await?;
     // Exactly `requests` measured generations, cycling through the file.
-    let replay: Vec<String> = queries
-        .iter()
-        .cycle()
-        .take(usize::try_from(requests).unwrap_or(usize::MAX))
-        .cloned()
-        .collect();
-    let warmup = u32::try_from(args.warmup).map_err(|_| {
-        ClientError::Usage(format!(
-            "--warmup {} is too large for --server-side",
-            args.warmup
-        ))
-    })?;
+    let replay: Vec<String> =
+        queries.iter().cycle().take(usize::try_from(requests).unwrap_or(usize::MAX)).cloned().collect();
+    let warmup = u32::try_from(args.warmup)
+        .map_err(|_| ClientError::Usage(format!("--warmup {} is too large for --server-side", args.warmup)))?;
     let progress = if args.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
@@ -286,21 +261,13 @@ async fn server_side(
         spinner
     };
     let result = client
-        .benchmark(target.request(pb::BenchmarkRequest {
-            queries: replay,
-            repeat: 1,
-            warmup,
-            options: Some(options),
-        }))
+        .benchmark(target.request(pb::BenchmarkRequest { queries: replay, repeat: 1, warmup, options: Some(options) }))
         .await;
     progress.finish_and_clear();
-    let response = result
-        .map_err(|status| ClientError::rpc("Benchmark", status))?
-        .into_inner();
+    let response = result.map_err(|status| ClientError::rpc("Benchmark", status))?.into_inner();
     let report = ServerBenchReport::from_proto(&response, args.warmup);
     if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .expect("a bench report always serialises; this is a bug");
+        let text = serde_json::to_string_pretty(&report).expect("a bench report always serialises; this is a bug");
         print(&format!("{text}\n"))?;
     } else {
         print(&render_server_bench(&report))?;
@@ -353,10 +320,7 @@ mod tests {
         tally.record(&ok(30, 20.0, 8));
         // A cache hit counts in the latencies, not in the phase means.
         tally.record(&answer(3, 0.5, 0, true));
-        tally.record(&Sample {
-            latency: Duration::from_millis(1),
-            result: Err(tonic::Code::Unavailable),
-        });
+        tally.record(&Sample { latency: Duration::from_millis(1), result: Err(tonic::Code::Unavailable) });
         let report = tally.report(&args(), Duration::from_secs(2));
         assert_eq!(report.requests, 4);
         assert_eq!(report.ok, 3);
@@ -368,11 +332,7 @@ mod tests {
         assert!((report.throughput_rps - 1.5).abs() < 1e-9);
         // The failed request's latency is not in the histogram.
         assert_eq!(report.latency_ms.count, 3);
-        assert!(
-            (report.latency_ms.mean_ms - 43.0 / 3.0).abs() < 0.05,
-            "{:?}",
-            report.latency_ms
-        );
+        assert!((report.latency_ms.mean_ms - 43.0 / 3.0).abs() < 0.05, "{:?}", report.latency_ms);
         assert!((report.latency_ms.min_ms - 3.0).abs() < 0.05);
         assert!((report.latency_ms.max_ms - 30.0).abs() < 0.05);
         assert_eq!(report.server.latency_ms.count, 3);

@@ -19,11 +19,7 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
     let options = args.generation.to_proto();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!(
-            "qclient chat: connected to {}. {}",
-            target.addr,
-            HELP.trim_end()
-        );
+        eprintln!("qclient chat: connected to {}. {}", target.addr, HELP.trim_end());
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut failures = 0usize;
@@ -31,10 +27,8 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
         if interactive {
             print("> ")?;
         }
-        let Some(line) = lines.next_line().await.map_err(|source| ClientError::Io {
-            what: "cannot read stdin",
-            source,
-        })?
+        let Some(line) =
+            lines.next_line().await.map_err(|source| ClientError::Io { what: "cannot read stdin", source })?
         else {
             break;
         };
@@ -53,18 +47,11 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
             print(&format!("> {query}\n"))?;
         }
         match reformulate_once(&mut client, target, query, &options).await {
-            Ok(answer) => print(&render_answer(
-                &answer.response,
-                answer.latency,
-                args.joined,
-            ))?,
+            Ok(answer) => print(&render_answer(&answer.response, answer.latency, args.joined))?,
             Err(status) => {
                 // One failed question does not end the conversation.
                 failures += 1;
-                eprintln!(
-                    "qclient: error: {}",
-                    ClientError::rpc("Reformulate", status)
-                );
+                eprintln!("qclient: error: {}", ClientError::rpc("Reformulate", status));
             }
         }
     }

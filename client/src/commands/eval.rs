@@ -42,8 +42,7 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
         .into_inner();
     let report = EvalReport::from_proto(&response);
     if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .expect("an eval report always serialises; this is a bug");
+        let text = serde_json::to_string_pretty(&report).expect("an eval report always serialises; this is a bug");
         print(&format!("{text}\n"))?;
     } else {
         print(&render_eval(&report, args.mismatches))?;

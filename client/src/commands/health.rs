@@ -15,9 +15,7 @@ use crate::error::ClientError;
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 pub async fn run(target: &Target, args: HealthArgs) -> Result<ExitCode, ClientError> {
-    let deadline = args
-        .wait_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let deadline = args.wait_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     loop {
         let result = check(target, &args.service).await;
         let waiting = deadline.is_some_and(|d| Instant::now() < d);
@@ -40,9 +38,7 @@ pub async fn run(target: &Target, args: HealthArgs) -> Result<ExitCode, ClientEr
 async fn check(target: &Target, service: &str) -> Result<ServingStatus, ClientError> {
     let mut client = HealthClient::new(target.channel().await?);
     let response = client
-        .check(target.request(HealthCheckRequest {
-            service: service.to_string(),
-        }))
+        .check(target.request(HealthCheckRequest { service: service.to_string() }))
         .await
         .map_err(|status| ClientError::rpc("Health/Check", status))?
         .into_inner();

@@ -18,11 +18,7 @@ use crate::connect::Target;
 use crate::error::ClientError;
 
 pub async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    let target = Target {
-        addr: cli.addr.clone(),
-        connect_timeout: cli.connect_timeout(),
-        timeout: cli.timeout(),
-    };
+    let target = Target { addr: cli.addr.clone(), connect_timeout: cli.connect_timeout(), timeout: cli.timeout() };
     match cli.command {
         Command::Chat(args) => chat::run(&target, args).await,
         Command::Reformulate(args) => reformulate::run(&target, args).await,
@@ -35,10 +31,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
 /// Writes to stdout and flushes (so prompts and streamed answers appear at once).
 pub(crate) fn print(text: &str) -> Result<(), ClientError> {
     let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .map_err(ClientError::stdout)
+    stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).map_err(ClientError::stdout)
 }
 
 /// One Reformulate call and its client-observed latency.
@@ -53,14 +46,8 @@ pub(crate) async fn reformulate_once(
     query: &str,
     options: &pb::GenerationOptions,
 ) -> Result<Answer, tonic::Status> {
-    let request = target.request(pb::ReformulateRequest {
-        query: query.to_string(),
-        options: Some(*options),
-    });
+    let request = target.request(pb::ReformulateRequest { query: query.to_string(), options: Some(*options) });
     let start = Instant::now();
     let response = client.reformulate(request).await?.into_inner();
-    Ok(Answer {
-        response,
-        latency: start.elapsed(),
-    })
+    Ok(Answer { response, latency: start.elapsed() })
 }

@@ -18,20 +18,12 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
     let options = args.generation.to_proto();
     let show = |query: &str, answer: &Answer, echo: bool| -> Result<(), ClientError> {
         if args.json {
-            let line =
-                serde_json::to_string(&AnswerJson::new(query, &answer.response, answer.latency))
-                    .expect("an answer always serialises; this is a bug");
+            let line = serde_json::to_string(&AnswerJson::new(query, &answer.response, answer.latency))
+                .expect("an answer always serialises; this is a bug");
             print(&format!("{line}\n"))
         } else {
-            let echo = if echo {
-                format!("> {query}\n")
-            } else {
-                String::new()
-            };
-            print(&format!(
-                "{echo}{}",
-                render_answer(&answer.response, answer.latency, args.joined)
-            ))
+            let echo = if echo { format!("> {query}\n") } else { String::new() };
+            print(&format!("{echo}{}", render_answer(&answer.response, answer.latency, args.joined)))
         }
     };
 
@@ -52,16 +44,12 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut line_no = 0;
-    while let Some(line) = lines.next_line().await.map_err(|source| ClientError::Io {
-        what: "cannot read stdin",
-        source,
-    })? {
+    while let Some(line) =
+        lines.next_line().await.map_err(|source| ClientError::Io { what: "cannot read stdin", source })?
+    {
         line_no += 1;
-        let Some(query) =
-            dataset::parse_query_line(&line, line_no).map_err(|source| ClientError::Dataset {
-                origin: "stdin".to_string(),
-                source,
-            })?
+        let Some(query) = dataset::parse_query_line(&line, line_no)
+            .map_err(|source| ClientError::Dataset { origin: "stdin".to_string(), source })?
         else {
             continue;
         };

@@ -220,8 +220,20 @@ mod tests {
 
     // The same vocabulary and cases as train/tests/test_constraint.py.
     const PIECES: [&str; 14] = [
-        "<pad>", "</s>", "<unk>", "▁Nikola", "▁Tesla", "▁Edison", "▁Lifespan", "▁|", "▁Tes", "la", "▁lifespan", "<0xC3>",
-        "<0x86>", "▁Ed",
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "▁Nikola",
+        "▁Tesla",
+        "▁Edison",
+        "▁Lifespan",
+        "▁|",
+        "▁Tes",
+        "la",
+        "▁lifespan",
+        "<0xC3>",
+        "<0x86>",
+        "▁Ed",
     ];
     const EOS: u32 = 1;
 

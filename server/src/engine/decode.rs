@@ -369,7 +369,11 @@ mod tests {
     const V: usize = 5;
 
     /// Drives a search with a fixed table: `table(step, row) -> logits row`.
-    fn run(mut s: Box<dyn Search>, max_steps: usize, table: impl Fn(usize, usize, &[i64]) -> [f32; V]) -> Vec<Hypothesis> {
+    fn run(
+        mut s: Box<dyn Search>,
+        max_steps: usize,
+        table: impl Fn(usize, usize, &[i64]) -> [f32; V],
+    ) -> Vec<Hypothesis> {
         let mut prev: Vec<i64> = vec![0; s.rows()];
         for step in 0..max_steps {
             let mut logits = Vec::new();
@@ -398,7 +402,8 @@ mod tests {
 
     #[test]
     fn greedy_ignore_eos_runs_to_the_limit() {
-        let hyps = run(new_search(SearchKind::Greedy, SPECIAL, true, 1.0, None), 6, |_, _, _| [0.0, 9.0, 0.0, 3.0, 0.0]);
+        let hyps =
+            run(new_search(SearchKind::Greedy, SPECIAL, true, 1.0, None), 6, |_, _, _| [0.0, 9.0, 0.0, 3.0, 0.0]);
         assert_eq!(hyps[0].tokens, vec![3; 6]);
     }
 

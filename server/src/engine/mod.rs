@@ -99,7 +99,9 @@ pub struct Generation {
 /// Why a generation did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("query is {tokens} tokens long; the limit is {limit} (--max-input-tokens); set options.truncate to cut it")]
+    #[error(
+        "query is {tokens} tokens long; the limit is {limit} (--max-input-tokens); set options.truncate to cut it"
+    )]
     TooManyTokens { tokens: usize, limit: usize },
     #[error("deadline exceeded after {generated} generated tokens")]
     DeadlineExceeded { generated: usize },

@@ -109,7 +109,8 @@ impl ModelDir {
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Load { file: path.to_path_buf(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Load { file: path.to_path_buf(), reason: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| ModelError::Malformed { file: path.to_path_buf(), reason: e.to_string() })
 }
 

@@ -39,16 +39,8 @@ pub struct BenchmarkRun {
 }
 
 enum Job {
-    Generate {
-        req: GenerateRequest,
-        cancel: CancelToken,
-        reply: oneshot::Sender<Result<Generation, EngineError>>,
-    },
-    Benchmark {
-        plan: BenchmarkPlan,
-        cancel: CancelToken,
-        reply: oneshot::Sender<Result<BenchmarkRun, EngineError>>,
-    },
+    Generate { req: GenerateRequest, cancel: CancelToken, reply: oneshot::Sender<Result<Generation, EngineError>> },
+    Benchmark { plan: BenchmarkPlan, cancel: CancelToken, reply: oneshot::Sender<Result<BenchmarkRun, EngineError>> },
     Stop,
 }
 
@@ -231,7 +223,11 @@ fn worker(
 }
 
 /// A panicking engine answers with an error instead of taking its worker down.
-fn run_guarded(engine: &mut dyn Engine, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+fn run_guarded(
+    engine: &mut dyn Engine,
+    req: &GenerateRequest,
+    cancel: &CancelToken,
+) -> Result<Generation, EngineError> {
     cancel.check(0)?; // the client gave up while the job was queued
     catch_unwind(AssertUnwindSafe(|| engine.generate(req, cancel))).unwrap_or_else(|panic| {
         let msg = panic
@@ -243,7 +239,11 @@ fn run_guarded(engine: &mut dyn Engine, req: &GenerateRequest, cancel: &CancelTo
     })
 }
 
-fn run_benchmark(engine: &mut dyn Engine, plan: &BenchmarkPlan, cancel: &CancelToken) -> Result<BenchmarkRun, EngineError> {
+fn run_benchmark(
+    engine: &mut dyn Engine,
+    plan: &BenchmarkPlan,
+    cancel: &CancelToken,
+) -> Result<BenchmarkRun, EngineError> {
     let mut req = plan.template.clone();
     if plan.queries.is_empty() {
         return Ok(BenchmarkRun { runs: Vec::new(), wall: Duration::ZERO });
