@@ -55,7 +55,7 @@ pub enum Command {
     ///
     /// A query sent again (cycling with --requests, or after --warmup) may be answered from
     /// the server's response cache; the report counts those cache hits. To measure the model
-    /// on every request, run qserver with --cache-capacity 0, or use --server-side.
+    /// on every request, pass --skip-cache (or use --server-side).
     Bench(BenchArgs),
     /// Stream a labelled JSONL file to the server's Evaluate RPC and print the metric table.
     Eval(EvalArgs),
@@ -124,6 +124,9 @@ pub struct ReformulateArgs {
     /// Print the subqueries on one line, joined with " | ".
     #[arg(long, conflicts_with = "json")]
     pub joined: bool,
+    /// Run the model even when the server's response cache holds the answer.
+    #[arg(long)]
+    pub skip_cache: bool,
     #[command(flatten)]
     pub generation: GenerationArgs,
 }
@@ -154,6 +157,9 @@ pub struct BenchArgs {
     /// numbers exclude the network (--concurrency and --connections do not apply).
     #[arg(long)]
     pub server_side: bool,
+    /// Run the model on every request, even when the server's response cache holds the answer.
+    #[arg(long, conflicts_with = "server_side")]
+    pub skip_cache: bool,
     #[command(flatten)]
     pub generation: GenerationArgs,
 }

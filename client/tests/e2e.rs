@@ -296,6 +296,24 @@ fn bench_json_accounts_for_every_request() {
 }
 
 #[test]
+fn bench_skip_cache_runs_the_model_on_every_request() {
+    // The shared test server has its default response cache: a repeated query is a hit
+    // unless the request asks to skip it.
+    let (_dir, path) = temp_file("one-query.txt", "How tall is the skip-cache test tower?\n");
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["--addr", server(), "bench", &path, "--json", "--requests", "3", "--warmup", "1"];
+        args.extend_from_slice(extra);
+        json(&ok(&qclient(&args, None)))
+    };
+    let cached = bench(&[]);
+    assert_eq!(cached["server"]["cached"], 3, "{cached}");
+    let skipped = bench(&["--skip-cache"]);
+    assert_eq!(skipped["ok"], 3, "{skipped}");
+    assert_eq!(skipped["server"]["cached"], 0, "{skipped}");
+    assert!(skipped["server"]["mean_generated_tokens"].as_f64().unwrap() > 0.0, "{skipped}");
+}
+
+#[test]
 fn bench_text_mode_prints_the_results_box() {
     let (_dir, path) = temp_file("queries.txt", &format!("{}\n{}\n", QUERIES[0], QUERIES[1]));
     let stdout = ok(&qclient(&["--addr", server(), "bench", &path, "-c", "2"], None));

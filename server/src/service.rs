@@ -143,7 +143,7 @@ impl Shared {
         let pool = self.ready_pool()?;
         let valid = validate::request(&req.query, req.options.as_ref(), &self.limits)?;
         let key = self.cache.enabled().then(|| CacheKey::new(&valid));
-        if let Some(hit) = key.as_ref().and_then(|k| self.cache.get(k)) {
+        if let Some(hit) = key.as_ref().filter(|_| !req.skip_cache).and_then(|k| self.cache.get(k)) {
             let mut response = (*hit).clone();
             response.timings =
                 Some(pb::Timings { total_ms: ms(received.elapsed()), cached: true, ..Default::default() });

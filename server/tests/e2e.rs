@@ -13,7 +13,7 @@ use tonic::{Code, Request, Status};
 const QUERY: &str = "Who lived longer, Nikola Tesla or Milutin Milankovic?";
 
 fn request(query: &str, options: GenerationOptions) -> ReformulateRequest {
-    ReformulateRequest { query: query.into(), options: Some(options) }
+    ReformulateRequest { query: query.into(), options: Some(options), skip_cache: false }
 }
 
 /// Asserts INVALID_ARGUMENT whose message contains every needle.
@@ -121,6 +121,26 @@ async fn response_cache_hits_only_for_identical_options() {
     // Case is kept: the model is case-sensitive.
     let upper = c.reformulate(request(&QUERY.to_uppercase(), opts)).await.unwrap().into_inner();
     assert!(!upper.timings.unwrap().cached);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn skip_cache_runs_the_model_and_refreshes_the_entry() {
+    let server = TestServer::start(&["--workers", "1", "--cache-capacity", "100"]).await;
+    let mut c = client(server.addr).await;
+    let opts = GenerationOptions { max_new_tokens: 6, ..Default::default() };
+    let skipping = ReformulateRequest { skip_cache: true, ..request(QUERY, opts) };
+    let first = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    assert!(!first.timings.unwrap().cached);
+    // The entry exists now, yet skip_cache computes again (the engine reports its tokens).
+    let fresh = c.reformulate(skipping.clone()).await.unwrap().into_inner();
+    let t = fresh.timings.unwrap();
+    assert!(!t.cached, "skip_cache must not be served from the cache");
+    assert!(t.generated_tokens > 0);
+    assert_eq!(fresh.subqueries, first.subqueries);
+    // Without the flag the same request is a hit.
+    let hit = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    assert!(hit.timings.unwrap().cached);
     server.stop().await.unwrap();
 }
 

@@ -44,6 +44,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientErr
         clients: Arc::new(clients),
         queries: Arc::new(queries),
         options,
+        skip_cache: args.skip_cache,
         timeout: target.timeout,
         concurrency: args.concurrency,
     };
@@ -94,6 +95,7 @@ struct Plan {
     clients: Arc<Vec<ReformulatorClient<Channel>>>,
     queries: Arc<Vec<String>>,
     options: pb::GenerationOptions,
+    skip_cache: bool,
     timeout: Option<Duration>,
     concurrency: u32,
 }
@@ -114,6 +116,7 @@ impl Plan {
             let mut client = self.clients[worker as usize % self.clients.len()].clone();
             let queries = Arc::clone(&self.queries);
             let options = self.options;
+            let skip_cache = self.skip_cache;
             let timeout = self.timeout;
             let next = Arc::clone(&next);
             let tx = tx.clone();
@@ -125,7 +128,7 @@ impl Plan {
                     }
                     let query = &queries[(index % queries.len() as u64) as usize];
                     let request = crate::connect::with_timeout(
-                        pb::ReformulateRequest { query: query.clone(), options: Some(options) },
+                        pb::ReformulateRequest { query: query.clone(), options: Some(options), skip_cache },
                         timeout,
                     );
                     let start = Instant::now();

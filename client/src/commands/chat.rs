@@ -46,7 +46,7 @@ pub async fn run(target: &Target, args: ChatArgs) -> Result<ExitCode, ClientErro
             // Keep the transcript readable when the questions come from a pipe.
             print(&format!("> {query}\n"))?;
         }
-        match reformulate_once(&mut client, target, query, &options).await {
+        match reformulate_once(&mut client, target, query, &options, false).await {
             Ok(answer) => print(&render_answer(&answer.response, answer.latency, args.joined))?,
             Err(status) => {
                 // One failed question does not end the conversation.

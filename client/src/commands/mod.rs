@@ -45,8 +45,10 @@ pub(crate) async fn reformulate_once(
     target: &Target,
     query: &str,
     options: &pb::GenerationOptions,
+    skip_cache: bool,
 ) -> Result<Answer, tonic::Status> {
-    let request = target.request(pb::ReformulateRequest { query: query.to_string(), options: Some(*options) });
+    let request =
+        target.request(pb::ReformulateRequest { query: query.to_string(), options: Some(*options), skip_cache });
     let start = Instant::now();
     let response = client.reformulate(request).await?.into_inner();
     Ok(Answer { response, latency: start.elapsed() })

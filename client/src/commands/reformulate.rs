@@ -30,7 +30,7 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
     if !args.queries.is_empty() {
         let echo = args.queries.len() > 1;
         for query in &args.queries {
-            let answer = reformulate_once(&mut client, target, query, &options)
+            let answer = reformulate_once(&mut client, target, query, &options, args.skip_cache)
                 .await
                 .map_err(|status| ClientError::rpc("Reformulate", status))?;
             show(query, &answer, echo)?;
@@ -53,7 +53,7 @@ pub async fn run(target: &Target, args: ReformulateArgs) -> Result<ExitCode, Cli
         else {
             continue;
         };
-        let answer = reformulate_once(&mut client, target, &query, &options)
+        let answer = reformulate_once(&mut client, target, &query, &options, args.skip_cache)
             .await
             .map_err(|status| ClientError::rpc("Reformulate", status))?;
         show(&query, &answer, true)?;
