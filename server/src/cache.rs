@@ -95,7 +95,11 @@ impl ResponseCache {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            entries: self.inner.as_ref().map_or(0, |c| c.entry_count()),
+            // moka counts entries lazily; settle pending inserts so the count is current.
+            entries: self.inner.as_ref().map_or(0, |c| {
+                c.run_pending_tasks();
+                c.entry_count()
+            }),
         }
     }
 }

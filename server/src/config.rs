@@ -23,6 +23,10 @@ pub struct Config {
     #[arg(long, env = "QSERVER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics endpoint (plain HTTP, `GET /metrics`); off when unset.
+    #[arg(long, env = "QSERVER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Model directory in Hugging Face Optimum's T5 ONNX layout (encoder_model.onnx,
     /// decoder_model.onnx, decoder_with_past_model.onnx, config.json, tokenizer.json).
     #[arg(long, env = "QSERVER_MODEL", default_value = DEFAULT_MODEL_DIR)]

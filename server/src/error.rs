@@ -38,18 +38,33 @@ impl From<EngineError> for ServiceError {
     }
 }
 
+impl ServiceError {
+    /// The gRPC status code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ServiceError::Cancelled(_) => Code::Cancelled,
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
+        let code = e.code();
         match e {
-            ServiceError::InvalidArgument(m) => Status::new(Code::InvalidArgument, m),
-            ServiceError::ResourceExhausted(m) => Status::new(Code::ResourceExhausted, m),
-            ServiceError::DeadlineExceeded(m) => Status::new(Code::DeadlineExceeded, m),
-            ServiceError::Cancelled(m) => Status::new(Code::Cancelled, m),
-            ServiceError::Unavailable(m) => Status::new(Code::Unavailable, m),
             ServiceError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
-                Status::new(Code::Internal, "internal error; the cause is in the server log")
+                Status::new(code, "internal error; the cause is in the server log")
             }
+            ServiceError::InvalidArgument(m)
+            | ServiceError::ResourceExhausted(m)
+            | ServiceError::DeadlineExceeded(m)
+            | ServiceError::Cancelled(m)
+            | ServiceError::Unavailable(m) => Status::new(code, m),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod health;
 pub mod logging;
+pub mod prometheus;
 pub mod runtime;
 pub mod server;
 pub mod service;

@@ -46,6 +46,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate().map_err(ServerError::Config)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(crate::prometheus::bind(addr).await.map_err(ServerError::Config)?),
+        None => None,
+    };
     let env = runtime::init(config.ort_dylib.as_deref())?;
     let model = ModelDir::open(&config.model)?;
     let workers = config.worker_count();
@@ -102,6 +106,13 @@ pub async fn serve(
             }
         })
     };
+
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "Prometheus metrics on GET /metrics");
+        }
+        tokio::spawn(crate::prometheus::serve(listener, Arc::clone(&shared)))
+    });
 
     let stats_logger = {
         let shared = Arc::clone(&shared);
@@ -175,6 +186,9 @@ pub async fn serve(
     };
 
     stats_logger.abort();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     shared.stop_pool().await;
     if !loader.is_finished() {
         // Shut down while loading: the loader finishes in the background and its pool is

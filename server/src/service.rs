@@ -21,6 +21,7 @@ use crate::engine::{
     CancelToken, GenerateRequest, Generation,
 };
 use crate::error::ServiceError;
+use crate::prometheus::Metrics;
 use crate::validate::{self, Limits, ValidRequest};
 use qreformulate::latency::{ms, LatencyRecorder};
 
@@ -48,6 +49,7 @@ pub struct Shared {
     admission: Arc<Semaphore>,
     shutting_down: AtomicBool,
     pub counters: Counters,
+    pub metrics: Metrics,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             admission: Arc::new(Semaphore::new(max_concurrent)),
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -91,6 +94,11 @@ impl Shared {
 
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// RPCs holding an admission permit now.
+    pub fn in_flight(&self) -> usize {
+        self.max_concurrent.saturating_sub(self.admission.available_permits())
     }
 
     fn ready_pool(&self) -> Result<&EnginePool, ServiceError> {
@@ -334,6 +342,8 @@ impl ReformulatorService {
 
     fn outcome<T>(&self, rpc: &str, started: Instant, result: &Result<T, ServiceError>) {
         let c = &self.shared.counters;
+        let code = result.as_ref().map_or_else(ServiceError::code, |_| tonic::Code::Ok);
+        self.shared.metrics.observe(rpc, code, started.elapsed());
         match result {
             Ok(_) => {
                 c.ok.fetch_add(1, Ordering::Relaxed);
@@ -358,6 +368,9 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
         let result = self.shared.reformulate(request.into_inner(), deadline, received).await;
         self.outcome("Reformulate", received, &result);
         if let Ok(r) = &result {
+            if let Some(t) = r.timings.as_ref().filter(|t| !t.cached) {
+                self.shared.metrics.generated(t.generated_tokens);
+            }
             let cache = self.shared.cache_stats();
             tracing::debug!(
                 subqueries = r.subqueries.len(),
@@ -377,6 +390,8 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
         let received = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), received);
         let result = self.shared.evaluate(request.into_inner(), deadline).await;
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.shared.metrics.observe("Evaluate", code, received.elapsed());
         match &result {
             Ok(r) => tracing::info!(examples = r.examples.len(), ms = ms(received.elapsed()), "evaluated"),
             Err(s) => tracing::debug!(code = ?s.code(), message = s.message(), "Evaluate failed"),

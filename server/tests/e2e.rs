@@ -380,3 +380,44 @@ async fn reflection_lists_the_service() {
     assert!(names.contains(&qreformulate::SERVICE_NAME.to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
+
+/// GET `path` over plain HTTP/1.1 (no client library needed for one request); the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics port");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
+    // A free port for the metrics listener (bound and released; the server binds it again).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = TestServer::start(&["--workers", "1", "--metrics-listen", &metrics_addr.to_string()]).await;
+    let mut c = client(server.addr).await;
+    let opts = GenerationOptions { max_new_tokens: 5, ..Default::default() };
+    let first = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    let tokens = first.timings.unwrap().generated_tokens;
+    c.reformulate(request(QUERY, opts)).await.unwrap(); // a cache hit
+    assert_eq!(c.reformulate(request("   ", opts)).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let body = http_get(metrics_addr, "/metrics").await;
+    for line in [
+        r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#.to_owned(),
+        r#"qreformulate_requests_total{code="INVALID_ARGUMENT",rpc="Reformulate"} 1"#.to_owned(),
+        r#"qreformulate_request_duration_seconds_count{rpc="Reformulate"} 3"#.to_owned(),
+        "qreformulate_cache_hits_total 1".to_owned(),
+        "qreformulate_cache_misses_total 1".to_owned(),
+        "qreformulate_cache_entries 1".to_owned(),
+        format!("qreformulate_generated_tokens_total {tokens}"),
+        "qreformulate_in_flight_requests 0".to_owned(),
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
+    }
+    server.stop().await.unwrap();
+}
