@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     if report["constraint_shipped"]:
         shutil.copy(constrained_dir / constraint.FILE_NAME, args.out / constraint.FILE_NAME)
     curve = json.loads((args.run / "curve.json").read_text())
-    report["training"] = {k: curve[k] for k in ("parameters", "args", "device")}
+    report["training"] = {k: curve.get(k) for k in ("parameters", "args", "device", "device_name")}
     report["training"]["epochs"] = curve["epochs"]
     report["commit"] = git_commit()
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -106,7 +106,7 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
     last = t["epochs"][-1]
     best = max(t["epochs"], key=lambda p: p["val_rouge_l"])
     on_gpu = t["device"].startswith("cuda")
-    hardware = "one NVIDIA H100 (bf16 autocast)" if on_gpu else "2 CPU cores"
+    hardware = f"one {t.get('device_name') or 'CUDA GPU'} (bf16 autocast)" if on_gpu else "the CPU"
     schedule = (f"cosine schedule over {a['steps']} steps" if a.get("steps")
                 else f"cosine schedule over a {a['minutes']}-minute wall-time budget")
     constraint_note = ("`constraint.json` (capitalised-word constraint: the model's property words; it raised "

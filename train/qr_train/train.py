@@ -252,7 +252,8 @@ def main(argv=None) -> None:
                     model.save_pretrained(out / "checkpoint")
                     save_tokenizer(tok, out / "checkpoint")
                 (out / "curve.json").write_text(json.dumps({
-                    "parameters": n_params, "args": vars(args), "device": str(device), "epochs": curve,
+                    "parameters": n_params, "args": vars(args), "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if on_gpu else "CPU", "epochs": curve,
                 }, indent=2))
                 model.train()
             if finished:
