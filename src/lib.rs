@@ -1,6 +1,6 @@
 //! API crate of qreformulate: the generated gRPC types and stubs, the descriptor set for
 //! reflection, and the rules that server and client must share (subquery splitting, the
-//! evaluation metrics, latency statistics).
+//! evaluation metrics, latency statistics, gRPC code names).
 
 pub mod latency;
 pub mod metrics;
@@ -16,6 +16,30 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qref
 
 /// Fully qualified gRPC service name, as health checks and reflection name it.
 pub const SERVICE_NAME: &str = "qreformulate.v1.Reformulator";
+
+/// The canonical gRPC name of a status code (`UNAVAILABLE`, `INVALID_ARGUMENT`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 impl From<metrics::MetricRow> for pb::MetricRow {
     fn from(row: metrics::MetricRow) -> Self {

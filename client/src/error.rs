@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tonic::Code;
 
 use crate::dataset::DatasetError;
+use qreformulate::code_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -87,29 +88,6 @@ pub fn normalise(status: tonic::Status) -> tonic::Status {
         tonic::Status::deadline_exceeded("the deadline (--timeout-ms) passed before the answer came")
     } else {
         status
-    }
-}
-
-/// The canonical gRPC name of a status code (`UNAVAILABLE`, `INVALID_ARGUMENT`, ...).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -61,7 +61,7 @@ impl Metrics {
 
     /// One finished RPC.
     pub fn observe(&self, rpc: &str, code: tonic::Code, elapsed: Duration) {
-        self.requests.with_label_values(&[rpc, code_label(code)]).inc();
+        self.requests.with_label_values(&[rpc, qreformulate::code_name(code)]).inc();
         self.latency.with_label_values(&[rpc]).observe(elapsed.as_secs_f64());
     }
 
@@ -128,30 +128,6 @@ fn family(name: &str, help: &str, value: Value) -> MetricFamily {
     family.set_help(help.to_owned());
     family.set_metric(vec![metric]);
     family
-}
-
-/// The gRPC code as its canonical upper-case name (`OK`, `INVALID_ARGUMENT`, ...).
-fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// Serves `GET /metrics` on `listener` until the task is aborted.

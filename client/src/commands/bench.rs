@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qreformulate::latency::LatencyRecorder;
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
+use qreformulate::{code_name, latency::LatencyRecorder};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -19,7 +19,7 @@ use super::print;
 use crate::cli::BenchArgs;
 use crate::connect::Target;
 use crate::dataset;
-use crate::error::{code_name, normalise, ClientError};
+use crate::error::{normalise, ClientError};
 use crate::report::{rate, render_bench, render_server_bench, BenchReport, Latency, ServerBenchReport, ServerTimings};
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientError> {
