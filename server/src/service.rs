@@ -371,14 +371,17 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
             if let Some(t) = r.timings.as_ref().filter(|t| !t.cached) {
                 self.shared.metrics.generated(t.generated_tokens);
             }
-            let cache = self.shared.cache_stats();
-            tracing::debug!(
-                subqueries = r.subqueries.len(),
-                cached = r.timings.as_ref().is_some_and(|t| t.cached),
-                cache_hits = cache.hits,
-                cache_misses = cache.misses,
-                "reformulated"
-            );
+            // cache_stats() settles the cache's pending work: only for a log line someone reads.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let cache = self.shared.cache_stats();
+                tracing::debug!(
+                    subqueries = r.subqueries.len(),
+                    cached = r.timings.as_ref().is_some_and(|t| t.cached),
+                    cache_hits = cache.hits,
+                    cache_misses = cache.misses,
+                    "reformulated"
+                );
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }
