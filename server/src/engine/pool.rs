@@ -197,29 +197,32 @@ fn worker(
         }
     }
     drop(ready);
-    let shutting_down = || EngineError::Unavailable("server is shutting down".into());
     while let Ok(job) = rx.recv() {
         match job {
             Job::Stop => break,
             Job::Generate { req, cancel, reply } => {
-                let result = if aborted.load(Ordering::Relaxed) {
-                    Err(shutting_down())
-                } else {
-                    run_guarded(engine.as_mut(), &req, &cancel.linked_to(Arc::clone(&aborted)))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c)));
             }
             Job::Benchmark { plan, cancel, reply } => {
-                let result = if aborted.load(Ordering::Relaxed) {
-                    Err(shutting_down())
-                } else {
-                    run_benchmark(engine.as_mut(), &plan, &cancel.linked_to(Arc::clone(&aborted)))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_benchmark(engine.as_mut(), &plan, c)));
             }
         }
     }
     tracing::debug!(worker = index, "engine worker stopped");
+}
+
+/// A job taken after the pool was aborted is refused; otherwise it runs with a cancel token
+/// that the abort also trips.
+fn unless_aborted<T>(
+    aborted: &Arc<AtomicBool>,
+    cancel: CancelToken,
+    run: impl FnOnce(&CancelToken) -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    if aborted.load(Ordering::Relaxed) {
+        Err(EngineError::Unavailable("server is shutting down".into()))
+    } else {
+        run(&cancel.linked_to(Arc::clone(aborted)))
+    }
 }
 
 /// A panicking engine answers with an error instead of taking its worker down.
