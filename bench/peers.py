@@ -88,28 +88,26 @@ def _mark(out: Path, stamp: str) -> None:
     (out / DONE).write_text(stamp + "\n")
 
 
-def ensure_fp32_export(checkpoint: Path, out: Path) -> Path:
+def _ensure_made(checkpoint: Path, out: Path, what: str, make) -> Path:
+    """make(checkpoint, out) once per checkpoint content; later runs reuse `out`."""
     stamp = _stamp(checkpoint)
-    if _cached(out, stamp):
-        return out
-    log(f"exporting fp32 ONNX of {rel(checkpoint)} -> {rel(out)}")
+    if not _cached(out, stamp):
+        log(f"{what} of {rel(checkpoint)} -> {rel(out)}")
+        make(checkpoint, out)
+        _mark(out, stamp)
+    return out
+
+
+def ensure_fp32_export(checkpoint: Path, out: Path) -> Path:
     from qr_train.export import export_fp32
 
-    export_fp32(checkpoint, out)
-    _mark(out, stamp)
-    return out
+    return _ensure_made(checkpoint, out, "exporting fp32 ONNX", export_fp32)
 
 
 def ensure_ct2(checkpoint: Path, out: Path) -> Path:
-    stamp = _stamp(checkpoint)
-    if _cached(out, stamp):
-        return out
-    log(f"converting {rel(checkpoint)} to CTranslate2 int8_float32 -> {rel(out)}")
     from engines import convert_ctranslate2
 
-    convert_ctranslate2(checkpoint, out)
-    _mark(out, stamp)
-    return out
+    return _ensure_made(checkpoint, out, "converting to CTranslate2 int8_float32", convert_ctranslate2)
 
 
 def ensure_random_model(shape: str, root: Path) -> dict:

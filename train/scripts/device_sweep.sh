@@ -41,15 +41,13 @@ for name in "${!sizes[@]}"; do echo "== $name"; tail -n 3 "$runs/$name.log"; don
 python3 - "$runs" "$runs/pack" <<'PY'
 import json, shutil, sys
 from pathlib import Path
-import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 runs, pack = Path(sys.argv[1]), Path(sys.argv[2])
 pack.mkdir(parents=True, exist_ok=True)
 for run in sorted(p for p in runs.iterdir() if (p / "checkpoint").is_dir()):
     dst = pack / run.name
     dst.mkdir(exist_ok=True)
     ck = run / "checkpoint"
-    from safetensors.torch import load_file
     state = load_file(ck / "model.safetensors")
     save_file({k: v.half().contiguous() for k, v in state.items()}, dst / "model.safetensors")
     for f in ("config.json", "generation_config.json", "tokenizer.json"):
