@@ -66,6 +66,7 @@ fn main() {
                 "mempattern" => settings.memory_pattern = Some(val == "1"),
                 "arena" => settings.cpu_arena = Some(val == "1"),
                 "profile" => settings.profile_prefix = Some(PathBuf::from(val)),
+                "decoder" => settings.decoder = clap::ValueEnum::from_str(val, true).unwrap(),
                 _ => settings.config_entries.push((k.into(), val.into())),
             }
         }

@@ -77,7 +77,8 @@ pub async fn serve(
         let shared = Arc::clone(&shared);
         let health = health.clone();
         let load_error = Arc::clone(&load_error);
-        let settings = SessionSettings::new(config.intra_op_threads.get());
+        let settings =
+            SessionSettings { decoder: config.decoder, ..SessionSettings::new(config.intra_op_threads.get()) };
         let warmup = warmup_request(&config);
         tokio::spawn(async move {
             let factory: EngineFactory = Arc::new(move |_| {

@@ -7,6 +7,7 @@ pub mod constraint;
 pub mod decode;
 pub mod logits;
 pub mod model_dir;
+pub mod native;
 pub mod onnx_t5;
 pub mod pool;
 
@@ -14,6 +15,18 @@ use std::time::Duration;
 
 pub use cancel::CancelToken;
 pub use model_dir::{ModelDir, ModelError};
+
+/// Which code runs the decoder steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecoderKind {
+    /// Native when the model directory has a checkpoint (`pytorch/model.safetensors`), else ONNX.
+    #[default]
+    Auto,
+    /// The Rust int8 decoder on the checkpoint's weights (engine/native); fails without one.
+    Native,
+    /// ONNX Runtime on `decoder_model.onnx` and `decoder_with_past_model.onnx`.
+    Onnx,
+}
 
 /// One generation backend. Implementations own their sessions and are driven by exactly
 /// one worker thread, hence `&mut self` and no locks.

@@ -14,6 +14,8 @@ pub const DECODER_WITH_PAST_FILE: &str = "decoder_with_past_model.onnx";
 pub const CONFIG_FILE: &str = "config.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Where the PyTorch checkpoint sits (the native decoder's weights), first match wins.
+pub const CHECKPOINT_FILES: [&str; 2] = ["pytorch/model.safetensors", "model.safetensors"];
 
 /// The files the engine needs; `decoder_model_merged.onnx`, if present, is ignored.
 const REQUIRED: [&str; 5] = [ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE, CONFIG_FILE, TOKENIZER_FILE];
@@ -70,6 +72,8 @@ pub struct ModelDir {
     pub generation: GenerationDefaults,
     /// `constraint.json`, when the model ships one.
     pub constraint: Option<ConstraintFile>,
+    /// The PyTorch checkpoint (safetensors), when the model ships one.
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl ModelDir {
@@ -100,7 +104,8 @@ impl ModelDir {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| canonical.display().to_string());
         let constraint = ConstraintFile::read(root)?;
-        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint })
+        let checkpoint = CHECKPOINT_FILES.iter().map(|f| root.join(f)).find(|p| p.is_file());
+        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint, checkpoint })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -108,7 +113,7 @@ impl ModelDir {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value, ModelError> {
+pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ModelError::Load { file: path.to_path_buf(), reason: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| ModelError::Malformed { file: path.to_path_buf(), reason: e.to_string() })

@@ -23,7 +23,8 @@ use super::{
     constraint::ConstraintModel,
     decode::{new_search, Hypothesis, Search, Special},
     model_dir::{self, ModelDir, ModelError, T5Config},
-    CancelToken, Candidate, Engine, EngineError, GenerateRequest, Generation, SearchKind, Timings,
+    native::{DecoderShape, NativeDecoder, Scratch},
+    CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, SearchKind, Timings,
 };
 
 const INPUT_IDS: &str = "input_ids";
@@ -38,6 +39,8 @@ const PRESENT_PREFIX: &str = "present.";
 #[derive(Debug, Clone, Default)]
 pub struct SessionSettings {
     pub intra_op_threads: usize,
+    /// Who runs the decoder steps: ONNX Runtime, or the native int8 decoder.
+    pub decoder: DecoderKind,
     /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
     /// experiments (see docs/performance.md and `examples/profile.rs`).
     pub config_entries: Vec<(String, String)>,
@@ -87,6 +90,8 @@ pub struct OnnxT5 {
     length_penalty: f64,
     /// The capitalised-word constraint, when the model ships `constraint.json` (greedy only).
     constraint: Option<Arc<ConstraintModel>>,
+    /// Runs the decoder steps instead of the two decoder sessions, when chosen.
+    native: Option<NativeDecoder>,
 }
 
 fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -227,7 +232,9 @@ impl OnnxT5 {
                 .collect();
             Arc::new(ConstraintModel::new(&pieces, file, dir.config.eos_token_id))
         });
+        let native = load_native(dir, settings.decoder)?;
         Ok(Self {
+            native,
             model_id: dir.model_id.clone(),
             tokenizer,
             encoder,
@@ -238,6 +245,15 @@ impl OnnxT5 {
             length_penalty: dir.generation.length_penalty,
             constraint,
         })
+    }
+
+    /// Which decoder runs the steps, for logs.
+    pub fn decoder_kind(&self) -> DecoderKind {
+        if self.native.is_some() {
+            DecoderKind::Native
+        } else {
+            DecoderKind::Onnx
+        }
     }
 
     fn special(&self) -> Special {
@@ -297,6 +313,9 @@ impl OnnxT5 {
             _ => None,
         };
         let mut search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, constraint);
+        if let Some(native) = &self.native {
+            return decode_native(native, &encoder_states, search, self.config.decoder_start_token_id, req, cancel);
+        }
         let rows = search.rows();
 
         // Every row decodes the same source: repeat the encoder output and mask per row.
@@ -365,6 +384,60 @@ impl OnnxT5 {
         }
         Ok(search.finish())
     }
+}
+
+/// The native decoder for `kind`, if it applies to this model directory.
+fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<NativeDecoder>, ModelError> {
+    let checkpoint = match (kind, &dir.checkpoint) {
+        (DecoderKind::Onnx, _) | (DecoderKind::Auto, None) => return Ok(None),
+        (_, Some(file)) => file,
+        (DecoderKind::Native, None) => {
+            return Err(ModelError::MissingFile(dir.file(model_dir::CHECKPOINT_FILES[0])));
+        }
+    };
+    let config_file = dir.file(model_dir::CONFIG_FILE);
+    let shape = DecoderShape::from_config(&dir.config, &model_dir::read_json(&config_file)?)
+        .map_err(|reason| ModelError::Malformed { file: config_file, reason })?;
+    NativeDecoder::load(checkpoint, shape).map(Some)
+}
+
+/// The decode loop on the native decoder: same searches, one cache per row.
+fn decode_native(
+    native: &NativeDecoder,
+    encoder_states: &DynValue,
+    mut search: Box<dyn Search>,
+    start: u32,
+    req: &GenerateRequest,
+    cancel: &CancelToken,
+) -> Result<Vec<Hypothesis>, EngineError> {
+    let (shape, states) = encoder_states.try_extract_tensor::<f32>()?;
+    let d = native.shape().d_model;
+    if !matches!(&shape[..], [1, _, w] if *w as usize == d) {
+        return Err(EngineError::Model(format!("encoder output has shape {shape:?}; expected (1, len, {d})")));
+    }
+    let cross = native.cross_cache(states);
+    let rows = search.rows();
+    let vocab = native.shape().vocab;
+    let mut caches = vec![native.new_row(); rows];
+    let mut scratch = Scratch::default();
+    let mut logits = vec![0f32; rows * vocab];
+    let mut tokens = vec![start; rows];
+    for _ in 0..req.params.max_new_tokens {
+        cancel.check(search.generated())?;
+        for ((token, cache), out) in tokens.iter().zip(caches.iter_mut()).zip(logits.chunks_exact_mut(vocab)) {
+            native.step(*token, cache, &cross, &mut scratch, out);
+        }
+        if search.advance(&logits, vocab) {
+            break;
+        }
+        if let Some(parents) = search.parents() {
+            caches = parents.iter().map(|&p| caches[p].clone()).collect();
+        }
+        for (t, &next) in tokens.iter_mut().zip(search.next_tokens()) {
+            *t = u32::try_from(next).map_err(|_| EngineError::Model(format!("token id {next} out of range")))?;
+        }
+    }
+    Ok(search.finish())
 }
 
 /// Vocabulary size from logits shaped (rows, 1, vocab): one token is fed per step, so the
