@@ -40,7 +40,7 @@ import report  # noqa: E402
 from server import QServer, ServerError, install_sigterm_handler, version  # noqa: E402
 
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
-ENGINE_KEYS = ("ours-grpc", "ours-inproc", "pytorch", "optimum-fp32", "optimum-int8", "ct2", "loop")
+ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "pytorch", "optimum-fp32", "optimum-int8", "ct2", "loop")
 DONE = ".complete"
 CONSTRAINT_FILE = "constraint.json"  # qr_train.constraint.FILE_NAME: read by qserver, not by the peers
 
@@ -120,6 +120,7 @@ def ensure_random_model(shape: str, root: Path) -> dict:
         _python_module(["qr_train.export", str(ckpt), str(int8), "--fp32-dir", str(fp32)])
         _mark(fp32, _stamp(ckpt))
         (base / DONE).write_text("ok\n")
+    link_checkpoint(int8, ckpt)
     files = dict(checkpoint=ckpt, int8=int8, fp32=fp32, ct2=None)
     try:
         files["ct2"] = ensure_ct2(ckpt, base / "ct2")
@@ -129,13 +130,21 @@ def ensure_random_model(shape: str, root: Path) -> dict:
     return files
 
 
+def link_checkpoint(model_dir: Path, checkpoint: Path) -> None:
+    """model_dir/pytorch -> checkpoint: the layout of the shipped model, where qserver's native
+    decoder finds its weights (pytorch/model.safetensors)."""
+    link = model_dir / "pytorch"
+    if not link.exists():
+        link.symlink_to(os.path.relpath(checkpoint, model_dir))
+
+
 def without_constraint(model_dir: Path, out: Path) -> Path:
-    """A directory of symbolic links to model_dir's files, constraint.json left out."""
+    """A directory of symbolic links to model_dir's entries, constraint.json left out."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for f in model_dir.iterdir():
-        if f.is_file() and f.name != CONSTRAINT_FILE:
+        if f.name != CONSTRAINT_FILE:
             (out / f.name).symlink_to(f.resolve())
     return out
 
@@ -212,17 +221,25 @@ def check_fixed(section: Section, name: str, stats: dict) -> None:
 
 
 def measure_ours(section: Section, args, model_dir: Path, queries: list[str], query_file: Path, work: Path,
-                 wanted: set[str], constrained: bool = False) -> None:
+                 wanted: set[str], constrained: bool = False, onnx_decoder: bool = False) -> None:
     """qserver (1 worker, 1 thread, no cache) on model_dir: over gRPC and through the Benchmark RPC.
 
     constrained=True is the model directory as shipped, constraint.json included: one extra gRPC row.
+    onnx_decoder=True runs the decoder steps on ONNX Runtime instead of the native decoder: one gRPC row.
     """
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
     if section.fixed:
         flags.append("--ignore-eos")
     server_args = ["--workers", "1", "--intra-op-threads", "1", "--cache-capacity", "0"]
     detail_cmd = f"`qserver --workers 1 --intra-op-threads 1 --cache-capacity 0 --model {rel(model_dir)}`"
-    if constrained:
+    if onnx_decoder:
+        server_args += ["--decoder", "onnx"]
+        runs = [("ours-grpc-onnx", "qserver (gRPC, ONNX Runtime decoder)", ["--concurrency", "1"],
+                 f"{detail_cmd} `--decoder onnx`: every decoder step on ONNX Runtime (decoder_model.onnx, "
+                 f"decoder_with_past_model.onnx) instead of the native int8 decoder; "
+                 f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
+        runs = [r for r in runs if r[0] in wanted]
+    elif constrained:
         runs = [("ours-grpc-constraint", "qserver (gRPC, shipped dir with constraint.json)", ["--concurrency", "1"],
                  f"{detail_cmd}: the model directory as shipped, so qserver applies the capitalised-word "
                  f"constraint of its constraint.json (the peers decode plain greedy); "
@@ -238,7 +255,7 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
         runs = [r for r in runs if r[0] in wanted]
     if not runs:
         return
-    tag = section.data["key"] + ("-constraint" if constrained else "")
+    tag = section.data["key"] + ("-constraint" if constrained else "") + ("-onnx" if onnx_decoder else "")
     try:
         with QServer(args.qserver, args.qclient, model_dir, server_args,
                      work / "logs" / f"qserver-{tag}.log", args.health_timeout) as server:
@@ -310,6 +327,8 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
     measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted)
     if files.get("server"):
         measure_ours(section, args, files["int8"], queries, query_file, work, wanted, constrained=True)
+    measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted,
+                 onnx_decoder=True)
     peers = [
         ("pytorch", "PyTorch generate (fp32)", "checkpoint",
          lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed)),
@@ -509,7 +528,7 @@ def main(argv=None) -> int:
     if wanted & {"ours-grpc", "ours-inproc"} or levels or not args.no_cache:
         for binary in (args.qserver, args.qclient):
             if not binary.exists():
-                log(f"{binary} is missing: run `cargo build --release --bin qserver --bin qclient` "
+                log(f"{binary} is missing: run `cargo build --release -p qserver -p qclient` "
                     "(make bench-peers does)")
                 return 2
     work = args.work.resolve()

@@ -93,6 +93,7 @@ fn main() {
     }
     let mut ms: Vec<Vec<f64>> = vec![Vec::with_capacity(iters); engines.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::with_capacity(iters); engines.len()];
+    let mut encode: Vec<Vec<f64>> = vec![Vec::with_capacity(iters); engines.len()];
     for i in 0..iters {
         // Alternate the order too, so neither variant always runs right after the other.
         let order: Vec<usize> =
@@ -103,6 +104,7 @@ fn main() {
             let g = run_one(&mut engines[j], &req, &cancel);
             cpu[j].push(thread_cpu_ms() - cpu_started);
             ms[j].push(started.elapsed().as_secs_f64() * 1e3);
+            encode[j].push(g.timings.encode.as_secs_f64() * 1e3);
             assert_eq!(g.candidates[0].tokens, tokens);
             assert_eq!(g.candidates[0].text, texts[j], "variant {}: output changed between runs", variants[j]);
         }
@@ -113,9 +115,10 @@ fn main() {
         let min = m.iter().copied().fold(f64::INFINITY, f64::min);
         let cpu_min = cpu[j].iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "variant {v}: n={} wall median {:.2} ms (min {min:.2}); thread CPU median {:.2} ms (min {cpu_min:.2})",
+            "variant {v}: n={} wall median {:.2} ms (min {min:.2}, encoder {:.2}); thread CPU median {:.2} ms (min {cpu_min:.2})",
             m.len(),
             median(m),
+            median(&encode[j]),
             median(&cpu[j])
         );
         println!("  text: {:?}", texts[j]);

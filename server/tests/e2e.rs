@@ -421,3 +421,18 @@ async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn onnx_decoder_serves_greedy_and_beam() {
+    // The shared server decodes natively (the model ships its checkpoint); this one keeps every
+    // decoder step on ONNX Runtime, the path for models exported without a checkpoint.
+    let server = TestServer::start(&["--workers", "1", "--cache-capacity", "0", "--decoder", "onnx"]).await;
+    let mut c = client(server.addr).await;
+    let greedy = c.reformulate(request(QUERY, GenerationOptions::default())).await.unwrap().into_inner();
+    assert!(!greedy.subqueries.is_empty() && greedy.subqueries.iter().all(|s| !s.trim().is_empty()));
+    let opts = GenerationOptions { num_beams: 3, num_return_sequences: 2, max_new_tokens: 12, ..Default::default() };
+    let beam = c.reformulate(request(QUERY, opts)).await.unwrap().into_inner();
+    assert_eq!(beam.candidates.len(), 2);
+    assert!(beam.candidates[0].score >= beam.candidates[1].score);
+    server.stop().await.unwrap();
+}

@@ -87,14 +87,21 @@ impl NativeDecoder {
         let s = &self.w.shape;
         let (d, inner) = (s.d_model, s.inner());
         let len = encoder_states.len() / d;
-        let mut qv = QuantVector::default();
+        let inputs: Vec<QuantVector> = encoder_states
+            .chunks_exact(d)
+            .map(|pos| {
+                let mut qv = QuantVector::default();
+                qv.set(pos);
+                qv
+            })
+            .collect();
         let mut kv = vec![0f32; 2 * inner];
         let mut keys = vec![Vec::with_capacity(len * inner); s.layers];
         let mut values = vec![Vec::with_capacity(len * inner); s.layers];
-        for pos in encoder_states.chunks_exact(d) {
-            qv.set(pos);
-            for (i, layer) in self.w.layers.iter().enumerate() {
-                gemv(&layer.cross_kv, &qv, &mut kv);
+        // Layer by layer, so one layer's K/V weights stay in cache across all positions.
+        for (i, layer) in self.w.layers.iter().enumerate() {
+            for qv in &inputs {
+                gemv(&layer.cross_kv, qv, &mut kv);
                 keys[i].extend_from_slice(&kv[..inner]);
                 values[i].extend_from_slice(&kv[inner..]);
             }
