@@ -13,9 +13,9 @@ use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::config::Config;
 use crate::engine::{
-    onnx_t5::{OnnxT5, SessionSettings},
+    onnx_t5::{self, OnnxT5, SessionSettings},
     pool::{EngineFactory, EnginePool},
-    Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
+    DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
 };
 use crate::error::ServerError;
 use crate::health::Health;
@@ -81,13 +81,20 @@ pub async fn serve(
             SessionSettings { decoder: config.decoder, ..SessionSettings::new(config.intra_op_threads.get()) };
         let warmup = warmup_request(&config);
         tokio::spawn(async move {
-            let factory: EngineFactory = Arc::new(move |_| {
-                OnnxT5::load(&env, &model, &settings).map(|engine| Box::new(engine) as Box<dyn Engine>)
-            });
             let started = std::time::Instant::now();
-            let result = tokio::task::spawn_blocking(move || EnginePool::start(workers, factory, warmup))
-                .await
-                .unwrap_or_else(|e| Err(ModelError::WarmUp(format!("loader task failed: {e}"))));
+            let result = tokio::task::spawn_blocking(move || {
+                // One copy of the native decoder's weights for every worker.
+                let native = onnx_t5::load_native(&model, settings.decoder)?;
+                let decoder = if native.is_some() { DecoderKind::Native } else { DecoderKind::Onnx };
+                tracing::info!(?decoder, "decoder steps run on {decoder:?}");
+                let factory: EngineFactory = Arc::new(move |_| {
+                    OnnxT5::load_with(&env, &model, &settings, native.clone())
+                        .map(|engine| Box::new(engine) as Box<dyn Engine>)
+                });
+                EnginePool::start(workers, factory, warmup)
+            })
+            .await
+            .unwrap_or_else(|e| Err(ModelError::WarmUp(format!("loader task failed: {e}"))));
             match result {
                 Ok(pool) => {
                     tracing::info!(

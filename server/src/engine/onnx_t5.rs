@@ -68,30 +68,46 @@ struct CacheSlot {
     per_step: bool,
 }
 
-/// Which optional inputs each session takes, and the cache wiring.
+/// The encoder session's output name and whether it takes a mask.
 #[derive(Debug, Clone)]
-struct Io {
-    encoder_output: String,
-    encoder_takes_mask: bool,
+struct EncoderIo {
+    output: String,
+    takes_mask: bool,
+}
+
+/// Which optional inputs each decoder session takes, and the cache wiring.
+#[derive(Debug, Clone)]
+struct DecoderIo {
     first_takes_mask: bool,
     past_takes_mask: bool,
     past_takes_states: bool,
     slots: Vec<CacheSlot>,
 }
 
+/// The two decoder sessions of Optimum's layout.
+struct OnnxDecoder {
+    first: Session,
+    with_past: Session,
+    io: DecoderIo,
+}
+
+/// Who runs the decoder steps.
+enum Decoder {
+    Onnx(OnnxDecoder),
+    /// Shared by every worker of the process: its weights are read-only.
+    Native(Arc<NativeDecoder>),
+}
+
 pub struct OnnxT5 {
     model_id: String,
     tokenizer: Tokenizer,
     encoder: Session,
-    decoder: Session,
-    decoder_with_past: Session,
-    io: Io,
+    encoder_io: EncoderIo,
+    decoder: Decoder,
     config: T5Config,
     length_penalty: f64,
     /// The capitalised-word constraint, when the model ships `constraint.json` (greedy only).
     constraint: Option<Arc<ConstraintModel>>,
-    /// Runs the decoder steps instead of the two decoder sessions, when chosen.
-    native: Option<NativeDecoder>,
 }
 
 fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -134,37 +150,56 @@ fn names(outlets: &[ort::value::Outlet]) -> Vec<String> {
     outlets.iter().map(|o| o.name().to_owned()).collect()
 }
 
-impl Io {
-    /// Wires the three sessions together by name; any input we cannot feed is an error.
-    fn discover(dir: &ModelDir, encoder: &Session, decoder: &Session, with_past: &Session) -> Result<Self, ModelError> {
-        let malformed = |file: &str, reason: String| ModelError::Malformed { file: dir.file(file), reason };
+fn malformed(dir: &ModelDir, file: &str, reason: String) -> ModelError {
+    ModelError::Malformed { file: dir.file(file), reason }
+}
+
+fn has(list: &[String], name: &str) -> bool {
+    list.iter().any(|n| n == name)
+}
+
+/// Any input we cannot feed is an error (cache inputs only where `allow_past`).
+fn check_known(
+    dir: &ModelDir,
+    file: &str,
+    list: &[String],
+    known: &[&str],
+    allow_past: bool,
+) -> Result<(), ModelError> {
+    for n in list {
+        let is_cache_input = allow_past && n.starts_with(PAST_PREFIX);
+        if !known.contains(&n.as_str()) && !is_cache_input {
+            return Err(malformed(dir, file, format!("unexpected input `{n}`")));
+        }
+    }
+    Ok(())
+}
+
+impl EncoderIo {
+    fn discover(dir: &ModelDir, encoder: &Session) -> Result<Self, ModelError> {
         let enc_in = names(encoder.inputs());
         let enc_out = names(encoder.outputs());
+        if !has(&enc_in, INPUT_IDS) {
+            return Err(malformed(dir, model_dir::ENCODER_FILE, format!("no `{INPUT_IDS}` input")));
+        }
+        check_known(dir, model_dir::ENCODER_FILE, &enc_in, &[INPUT_IDS, ATTENTION_MASK], false)?;
+        let output = if has(&enc_out, "last_hidden_state") {
+            "last_hidden_state".to_owned()
+        } else {
+            enc_out.first().cloned().ok_or_else(|| malformed(dir, model_dir::ENCODER_FILE, "no outputs".into()))?
+        };
+        Ok(Self { output, takes_mask: has(&enc_in, ATTENTION_MASK) })
+    }
+}
+
+impl DecoderIo {
+    /// Wires the two decoder sessions together by name.
+    fn discover(dir: &ModelDir, decoder: &Session, with_past: &Session) -> Result<Self, ModelError> {
+        let malformed = |file: &str, reason: String| malformed(dir, file, reason);
         let dec_in = names(decoder.inputs());
         let dec_out = names(decoder.outputs());
         let past_in = names(with_past.inputs());
         let past_out = names(with_past.outputs());
-
-        let has = |list: &[String], name: &str| list.iter().any(|n| n == name);
-        let unknown = |file: &str, list: &[String], known: &[&str], allow_past: bool| -> Result<(), ModelError> {
-            for n in list {
-                let is_cache_input = allow_past && n.starts_with(PAST_PREFIX);
-                if !known.contains(&n.as_str()) && !is_cache_input {
-                    return Err(malformed(file, format!("unexpected input `{n}`")));
-                }
-            }
-            Ok(())
-        };
-
-        if !has(&enc_in, INPUT_IDS) {
-            return Err(malformed(model_dir::ENCODER_FILE, format!("no `{INPUT_IDS}` input")));
-        }
-        unknown(model_dir::ENCODER_FILE, &enc_in, &[INPUT_IDS, ATTENTION_MASK], false)?;
-        let encoder_output = if has(&enc_out, "last_hidden_state") {
-            "last_hidden_state".to_owned()
-        } else {
-            enc_out.first().cloned().ok_or_else(|| malformed(model_dir::ENCODER_FILE, "no outputs".into()))?
-        };
 
         for (file, inputs, outputs) in
             [(model_dir::DECODER_FILE, &dec_in, &dec_out), (model_dir::DECODER_WITH_PAST_FILE, &past_in, &past_out)]
@@ -179,8 +214,14 @@ impl Io {
         if !has(&dec_in, ENCODER_STATES) {
             return Err(malformed(model_dir::DECODER_FILE, format!("no `{ENCODER_STATES}` input")));
         }
-        unknown(model_dir::DECODER_FILE, &dec_in, &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES], false)?;
-        unknown(model_dir::DECODER_WITH_PAST_FILE, &past_in, &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES], true)?;
+        check_known(dir, model_dir::DECODER_FILE, &dec_in, &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES], false)?;
+        check_known(
+            dir,
+            model_dir::DECODER_WITH_PAST_FILE,
+            &past_in,
+            &[INPUT_IDS, ENCODER_MASK, ENCODER_STATES],
+            true,
+        )?;
 
         let mut slots = Vec::new();
         for input in past_in.iter().filter(|n| n.starts_with(PAST_PREFIX)) {
@@ -202,9 +243,7 @@ impl Io {
             return Err(malformed(model_dir::DECODER_WITH_PAST_FILE, format!("no `{PAST_PREFIX}*` inputs")));
         }
 
-        Ok(Io {
-            encoder_output,
-            encoder_takes_mask: has(&enc_in, ATTENTION_MASK),
+        Ok(DecoderIo {
             first_takes_mask: has(&dec_in, ENCODER_MASK),
             past_takes_mask: has(&past_in, ENCODER_MASK),
             past_takes_states: has(&past_in, ENCODER_STATES),
@@ -213,9 +252,30 @@ impl Io {
     }
 }
 
+impl OnnxDecoder {
+    fn load(env: &Environment, dir: &ModelDir, settings: &SessionSettings) -> Result<Self, ModelError> {
+        let first = open_session(env, &dir.file(model_dir::DECODER_FILE), settings)?;
+        let with_past = open_session(env, &dir.file(model_dir::DECODER_WITH_PAST_FILE), settings)?;
+        let io = DecoderIo::discover(dir, &first, &with_past)?;
+        Ok(Self { first, with_past, io })
+    }
+}
+
 impl OnnxT5 {
-    /// Loads tokenizer and the three sessions from a checked model directory.
+    /// Loads tokenizer and sessions from a checked model directory; the decoder as
+    /// `settings.decoder` says (see [`load_native`]).
     pub fn load(env: &Environment, dir: &ModelDir, settings: &SessionSettings) -> Result<Self, ModelError> {
+        Self::load_with(env, dir, settings, load_native(dir, settings.decoder)?)
+    }
+
+    /// Like [`OnnxT5::load`], with the native decoder given (loaded once and shared by every
+    /// worker); `None` opens the two ONNX decoder sessions instead.
+    pub fn load_with(
+        env: &Environment,
+        dir: &ModelDir,
+        settings: &SessionSettings,
+        native: Option<Arc<NativeDecoder>>,
+    ) -> Result<Self, ModelError> {
         let tokenizer_path = dir.file(model_dir::TOKENIZER_FILE);
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e))?;
         // The server enforces its own input limit; padding would feed fake tokens.
@@ -223,24 +283,23 @@ impl OnnxT5 {
         tokenizer.with_padding(None);
 
         let encoder = open_session(env, &dir.file(model_dir::ENCODER_FILE), settings)?;
-        let decoder = open_session(env, &dir.file(model_dir::DECODER_FILE), settings)?;
-        let decoder_with_past = open_session(env, &dir.file(model_dir::DECODER_WITH_PAST_FILE), settings)?;
-        let io = Io::discover(dir, &encoder, &decoder, &decoder_with_past)?;
+        let encoder_io = EncoderIo::discover(dir, &encoder)?;
+        let decoder = match native {
+            Some(native) => Decoder::Native(native),
+            None => Decoder::Onnx(OnnxDecoder::load(env, dir, settings)?),
+        };
         let constraint = dir.constraint.as_ref().map(|file| {
             let pieces: Vec<String> = (0..tokenizer.get_vocab_size(true) as u32)
                 .map(|id| tokenizer.id_to_token(id).unwrap_or_default())
                 .collect();
             Arc::new(ConstraintModel::new(&pieces, file, dir.config.eos_token_id))
         });
-        let native = load_native(dir, settings.decoder)?;
         Ok(Self {
-            native,
             model_id: dir.model_id.clone(),
             tokenizer,
             encoder,
+            encoder_io,
             decoder,
-            decoder_with_past,
-            io,
             config: dir.config.clone(),
             length_penalty: dir.generation.length_penalty,
             constraint,
@@ -249,10 +308,9 @@ impl OnnxT5 {
 
     /// Which decoder runs the steps, for logs.
     pub fn decoder_kind(&self) -> DecoderKind {
-        if self.native.is_some() {
-            DecoderKind::Native
-        } else {
-            DecoderKind::Onnx
+        match self.decoder {
+            Decoder::Native(_) => DecoderKind::Native,
+            Decoder::Onnx(_) => DecoderKind::Onnx,
         }
     }
 
@@ -290,13 +348,13 @@ impl OnnxT5 {
         let input_ids = Tensor::from_array(([1usize, len], ids.to_vec()))?;
         let mask = Tensor::from_array(([1usize, len], vec![1i64; len]))?;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(INPUT_IDS.into(), (&input_ids).into())];
-        if self.io.encoder_takes_mask {
+        if self.encoder_io.takes_mask {
             inputs.push((ATTENTION_MASK.into(), (&mask).into()));
         }
         let mut outputs = self.encoder.run(inputs)?;
         outputs
-            .remove(self.io.encoder_output.as_str())
-            .ok_or_else(|| EngineError::Model(format!("encoder returned no `{}`", self.io.encoder_output)))
+            .remove(self.encoder_io.output.as_str())
+            .ok_or_else(|| EngineError::Model(format!("encoder returned no `{}`", self.encoder_io.output)))
     }
 
     /// The decode loop shared by every search strategy.
@@ -312,16 +370,33 @@ impl OnnxT5 {
             SearchKind::Greedy => self.constraint.as_ref().map(|c| c.for_query(&req.query)),
             _ => None,
         };
-        let mut search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, constraint);
-        if let Some(native) = &self.native {
-            return decode_native(native, &encoder_states, search, self.config.decoder_start_token_id, req, cancel);
+        let search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, constraint);
+        let start = self.config.decoder_start_token_id;
+        match &mut self.decoder {
+            Decoder::Native(native) => decode_native(native, &encoder_states, search, start, req, cancel),
+            Decoder::Onnx(onnx) => onnx.decode(encoder_states, src_len, search, &self.config, req, cancel),
         }
+    }
+}
+
+impl OnnxDecoder {
+    /// The decode loop on the two decoder sessions, for every search strategy.
+    fn decode(
+        &mut self,
+        encoder_states: DynValue,
+        src_len: usize,
+        mut search: Box<dyn Search>,
+        config: &T5Config,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+    ) -> Result<Vec<Hypothesis>, EngineError> {
+        let params = &req.params;
         let rows = search.rows();
 
         // Every row decodes the same source: repeat the encoder output and mask per row.
         let encoder_states = if rows == 1 { encoder_states } else { repeat_rows(&encoder_states, rows)? };
         let encoder_mask = Tensor::from_array(([rows, src_len], vec![1i64; rows * src_len]))?;
-        let start = i64::from(self.config.decoder_start_token_id);
+        let start = i64::from(config.decoder_start_token_id);
         let mut input_ids = Tensor::from_array(([rows, 1usize], vec![start; rows]))?;
         let mut cache: Vec<Option<DynValue>> = self.io.slots.iter().map(|_| None).collect();
 
@@ -334,13 +409,13 @@ impl OnnxT5 {
                 if self.io.first_takes_mask {
                     inputs.push((ENCODER_MASK.into(), (&encoder_mask).into()));
                 }
-                let mut outputs = self.decoder.run(inputs)?;
+                let mut outputs = self.first.run(inputs)?;
                 let done = advance_on_logits(&outputs, rows, search.as_mut())?;
                 for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
                     let v = outputs
                         .remove(slot.present.as_str())
                         .ok_or_else(|| EngineError::Model(format!("decoder returned no `{}`", slot.present)))?;
-                    check_cache_shape(&v, &slot.present, &self.config)?;
+                    check_cache_shape(&v, &slot.present, config)?;
                     *value = Some(v);
                 }
                 done
@@ -357,7 +432,7 @@ impl OnnxT5 {
                     let value = value.as_ref().expect("the first step fills every cache slot; this is a bug");
                     inputs.push((slot.input.as_str().into(), value.into()));
                 }
-                let mut outputs = self.decoder_with_past.run(inputs)?;
+                let mut outputs = self.with_past.run(inputs)?;
                 let done = advance_on_logits(&outputs, rows, search.as_mut())?;
                 for (slot, value) in self.io.slots.iter().zip(cache.iter_mut()) {
                     if slot.per_step {
@@ -387,7 +462,7 @@ impl OnnxT5 {
 }
 
 /// The native decoder for `kind`, if it applies to this model directory.
-fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<NativeDecoder>, ModelError> {
+pub fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<Arc<NativeDecoder>>, ModelError> {
     let checkpoint = match (kind, &dir.checkpoint) {
         (DecoderKind::Onnx, _) | (DecoderKind::Auto, None) => return Ok(None),
         (_, Some(file)) => file,
@@ -398,7 +473,7 @@ fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<NativeDecoder
     let config_file = dir.file(model_dir::CONFIG_FILE);
     let shape = DecoderShape::from_config(&dir.config, &model_dir::read_json(&config_file)?)
         .map_err(|reason| ModelError::Malformed { file: config_file, reason })?;
-    NativeDecoder::load(checkpoint, shape).map(Some)
+    NativeDecoder::load(checkpoint, shape).map(|d| Some(Arc::new(d)))
 }
 
 /// The decode loop on the native decoder: same searches, one cache per row.
@@ -550,6 +625,10 @@ impl OnnxT5 {
     /// Ends ONNX Runtime profiling (sessions opened with `profile_prefix`): returns the JSON
     /// files written, encoder first.
     pub fn end_profiling(&mut self) -> Result<Vec<String>, EngineError> {
-        Ok(vec![self.encoder.end_profiling()?, self.decoder.end_profiling()?, self.decoder_with_past.end_profiling()?])
+        let mut files = vec![self.encoder.end_profiling()?];
+        if let Decoder::Onnx(onnx) = &mut self.decoder {
+            files.extend([onnx.first.end_profiling()?, onnx.with_past.end_profiling()?]);
+        }
+        Ok(files)
     }
 }
