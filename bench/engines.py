@@ -1,7 +1,7 @@
 """The in-process peer engines of the benchmark, one class each, behind one interface.
 
 Every engine takes the query text, tokenizes it with the model's own tokenizer.json (the
-`tokenizers` library, as the server does), generates greedily on one thread, and decodes the
+`tokenizers` library, as the server does), generates greedily on the harness's thread count (one by default), and decodes the
 answer back to text; the timed span is that whole text-in, text-out call.
 
     engine.run(queries) -> [(latency_ms, generated_tokens), ...]
@@ -106,31 +106,33 @@ class _GenerateEngine(Engine):
 class PyTorchEngine(_GenerateEngine):
     name = "PyTorch generate (fp32)"
 
-    def __init__(self, checkpoint: Path, max_new_tokens: int, fixed: bool):
+    def __init__(self, checkpoint: Path, max_new_tokens: int, fixed: bool, threads: int = 1):
         super().__init__(checkpoint / "tokenizer.json", max_new_tokens, fixed)
         import torch
         from transformers import T5ForConditionalGeneration
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         self.torch = torch
         self.model = T5ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
         self.config = _generation_config(checkpoint, max_new_tokens, fixed)
         self.detail = (f"transformers `generate`, torch {torch.__version__}, fp32 weights, "
-                       f"torch.set_num_threads(1), greedy, KV cache")
+                       f"torch.set_num_threads({threads}), greedy, KV cache")
 
 
 class OptimumEngine(_GenerateEngine):
-    def __init__(self, onnx_dir: Path, label: str, max_new_tokens: int, fixed: bool):
+    def __init__(self, onnx_dir: Path, label: str, max_new_tokens: int, fixed: bool, threads: int = 1):
         super().__init__(onnx_dir / "tokenizer.json", max_new_tokens, fixed)
         import onnxruntime as ort
         import torch
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         self.torch = torch
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if threads > 1:  # as qserver does: three sessions must not busy-wait against each other
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.model = ORTModelForSeq2SeqLM.from_pretrained(
             onnx_dir, use_cache=True, use_merged=False, session_options=options,
             provider="CPUExecutionProvider",
@@ -138,25 +140,26 @@ class OptimumEngine(_GenerateEngine):
         self.config = _generation_config(onnx_dir, max_new_tokens, fixed)
         self.name = f"Optimum ORT ({label})"
         self.detail = (f"`ORTModelForSeq2SeqLM.generate` on `{_rel(onnx_dir)}`, onnxruntime {ort.__version__}, "
-                       "use_cache=True, split decoders (no merged), intra_op_num_threads=1")
+                       f"use_cache=True, split decoders (no merged), intra_op_num_threads={threads}"
+                       + (", allow_spinning=0" if threads > 1 else ""))
 
 
 
 class CTranslate2Engine(Engine):
     name = "CTranslate2 (int8_float32)"
 
-    def __init__(self, ct2_dir: Path, tokenizer_path: Path, max_new_tokens: int, fixed: bool):
+    def __init__(self, ct2_dir: Path, tokenizer_path: Path, max_new_tokens: int, fixed: bool, threads: int = 1):
         super().__init__(tokenizer_path, max_new_tokens, fixed)
         import ctranslate2
 
         self.translator = ctranslate2.Translator(
-            str(ct2_dir), device="cpu", compute_type="int8_float32", intra_threads=1, inter_threads=1)
+            str(ct2_dir), device="cpu", compute_type="int8_float32", intra_threads=threads, inter_threads=1)
         self.options = dict(beam_size=1, max_decoding_length=max_new_tokens)
         if fixed:
             self.options["min_decoding_length"] = max_new_tokens
         self.detail = (f"ctranslate2 {ctranslate2.__version__} `Translator.translate_batch` (batch of 1) on "
                        f"`{_rel(ct2_dir)}` (TransformersConverter, fp32 load, int8_float32), compute_type "
-                       "int8_float32, intra_threads=1, beam_size=1, tokens from tokenizer.json; "
+                       f"int8_float32, intra_threads={threads}, beam_size=1, tokens from tokenizer.json; "
                        f"GEMM backend: {_ct2_backend()}")
 
     def generate_ids(self, input_ids):
@@ -175,14 +178,14 @@ class CTranslate2Engine(Engine):
 class OnnxLoopEngine(Engine):
     name = "Python ORT loop (int8)"
 
-    def __init__(self, onnx_dir: Path, max_new_tokens: int, fixed: bool):
+    def __init__(self, onnx_dir: Path, max_new_tokens: int, fixed: bool, threads: int = 1):
         super().__init__(onnx_dir / "tokenizer.json", max_new_tokens, fixed)
         import onnxruntime as ort
         from qr_train.onnx_loop import OnnxT5
 
-        self.model = OnnxT5(onnx_dir, threads=1)
+        self.model = OnnxT5(onnx_dir, threads=threads)
         self.detail = (f"`qr_train.onnx_loop.OnnxT5` (hand-written greedy loop, numpy) on `{_rel(onnx_dir)}`, "
-                       f"onnxruntime {ort.__version__}, 1 intra-op thread")
+                       f"onnxruntime {ort.__version__}, {threads} intra-op thread(s)")
 
     def generate_ids(self, input_ids):
         return self.model.generate_ids(input_ids, self.max_new_tokens, ignore_eos=self.fixed)

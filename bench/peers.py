@@ -230,8 +230,9 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
     if section.fixed:
         flags.append("--ignore-eos")
-    server_args = ["--workers", "1", "--intra-op-threads", "1", "--cache-capacity", "0"]
-    detail_cmd = f"`qserver --workers 1 --intra-op-threads 1 --cache-capacity 0 --model {rel(model_dir)}`"
+    server_args = ["--workers", "1", "--intra-op-threads", str(args.threads), "--cache-capacity", "0"]
+    detail_cmd = (f"`qserver --workers 1 --intra-op-threads {args.threads} --cache-capacity 0 "
+                  f"--model {rel(model_dir)}`")
     if onnx_decoder:
         server_args += ["--decoder", "onnx"]
         runs = [("ours-grpc-onnx", "qserver (gRPC, ONNX Runtime decoder)", ["--concurrency", "1"],
@@ -321,7 +322,7 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
                     wanted: set[str]) -> dict:
     import engines
 
-    n, fixed = section.max_new_tokens, section.fixed
+    n, fixed, t = section.max_new_tokens, section.fixed, args.threads
     # qserver reads constraint.json when the model directory has one; the peers cannot. For equal work
     # it runs on a copy without it (files["server"]), and once more on the directory as shipped.
     measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted)
@@ -331,15 +332,15 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
                  onnx_decoder=True)
     peers = [
         ("pytorch", "PyTorch generate (fp32)", "checkpoint",
-         lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed)),
+         lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed, t)),
         ("optimum-fp32", "Optimum ORT (fp32)", "fp32",
-         lambda: engines.OptimumEngine(files["fp32"], "fp32", n, fixed)),
+         lambda: engines.OptimumEngine(files["fp32"], "fp32", n, fixed, t)),
         ("optimum-int8", "Optimum ORT (int8)", "int8",
-         lambda: engines.OptimumEngine(files["int8"], "int8", n, fixed)),
+         lambda: engines.OptimumEngine(files["int8"], "int8", n, fixed, t)),
         ("ct2", "CTranslate2 (int8_float32)", "ct2",
-         lambda: engines.CTranslate2Engine(files["ct2"], files["int8"] / "tokenizer.json", n, fixed)),
+         lambda: engines.CTranslate2Engine(files["ct2"], files["int8"] / "tokenizer.json", n, fixed, t)),
         ("loop", "Python ORT loop (int8)", "int8",
-         lambda: engines.OnnxLoopEngine(files["int8"], n, fixed)),
+         lambda: engines.OnnxLoopEngine(files["int8"], n, fixed, t)),
     ]
     for key, name, needs, factory in peers:
         if key not in wanted:
@@ -492,6 +493,10 @@ def parse_args(argv=None):
                    help="comma-separated random model shapes to compare at fixed length ('' for none)")
     p.add_argument("--base", action="store_true", help="also flan-t5-base (PyTorch on it is ~1 s per query)")
     p.add_argument("--engines", default=",".join(ENGINE_KEYS), help=f"subset of {','.join(ENGINE_KEYS)}")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every engine (qserver --intra-op-threads, torch, ONNX Runtime, CTranslate2); "
+                        "above 1 the report goes to benchmarks-N-threads.* and the load and cache sections are "
+                        "skipped (they are about the server's defaults)")
     p.add_argument("--concurrency", default="1,2,4,8", help="levels for the load table ('' to skip it)")
     p.add_argument("--load-requests", type=int, default=None,
                    help="measured requests per concurrency level (default: 2 x --queries)")
@@ -540,12 +545,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.threads > 1:
+        levels, args.no_cache = [], True
     results = dict(
         generated_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/peers.py", *(argv or sys.argv[1:])]),
         machine=machine(), versions=versions(args.qserver), commit=git_commit(),
-        settings=dict(queries=args.queries, warmup=args.warmup, query_file=rel(args.query_file), threads=1,
+        settings=dict(queries=args.queries, warmup=args.warmup, query_file=rel(args.query_file), threads=args.threads,
                       max_new_tokens=args.max_new_tokens, fixed_tokens=args.fixed_tokens),
         models=[], concurrency=None, cache_hit=None, failures=[])
     # Other work on the cores (a load average well above zero before we start) makes numbers noisy: say so.

@@ -154,9 +154,11 @@ def render_markdown(results: dict) -> str:
         "",
         f"- The same {s['queries']} queries for every engine: the first {s['queries']} of `{s['query_file']}`, "
         f"run one at a time, each once, after {s['warmup']} untimed warm-up queries (the first ones of the same list).",
-        "- One thread for every engine: qserver with `--workers 1 --intra-op-threads 1 --cache-capacity 0`, "
-        "`torch.set_num_threads(1)`, ONNX Runtime `intra_op_num_threads=1`, CTranslate2 `intra_threads=1`. "
-        "Greedy decoding everywhere, batch size 1.",
+        f"- {_threads_phrase(s)} for every engine: qserver with `--workers 1 --intra-op-threads {s.get('threads', 1)} "
+        f"--cache-capacity 0`, `torch.set_num_threads({s.get('threads', 1)})`, ONNX Runtime "
+        f"`intra_op_num_threads={s.get('threads', 1)}`, CTranslate2 `intra_threads={s.get('threads', 1)}`"
+        + (" (ONNX Runtime sessions with spinning off, as qserver runs them)" if s.get("threads", 1) > 1 else "")
+        + ". Greedy decoding everywhere, batch size 1.",
         "- Latency is per query, text in to text out: tokenization, encoder, decoder loop, detokenization. "
         "For *qserver (gRPC)* it is measured by `qclient bench --concurrency 1` (one HTTP/2 connection on "
         "loopback), so it includes the gRPC round trip; *qserver (in-process)* is the Benchmark RPC, timed "
@@ -241,7 +243,7 @@ def render_chart(results: dict, path: Path) -> None:
         else:
             ax.set_xlim(0, max(medians) * 1.25)
         ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle(f"qreformulate vs peers, 1 thread, batch 1 ({results['machine']['cpu']}, {results['generated_at'][:10]})",
+    fig.suptitle(f"qreformulate vs peers, {_threads_phrase(results['settings']).lower()}, batch 1 ({results['machine']['cpu']}, {results['generated_at'][:10]})",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +251,20 @@ def render_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _threads_phrase(settings: dict) -> str:
+    n = settings.get("threads", 1)
+    return "One thread" if n == 1 else f"{n} threads"
+
+
+def report_name(threads: int) -> str:
+    """benchmarks.* for the standard one-thread run, benchmarks-N-threads.* otherwise."""
+    return "benchmarks" if threads == 1 else f"benchmarks-{threads}-threads"
+
+
 def write_all(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, js, png = out_dir / "benchmarks.md", out_dir / "benchmarks.json", out_dir / "benchmarks.png"
+    name = report_name(results["settings"].get("threads", 1))
+    md, js, png = out_dir / f"{name}.md", out_dir / f"{name}.json", out_dir / f"{name}.png"
     md.write_text(render_markdown(results))
     js.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     render_chart(results, png)

@@ -41,6 +41,38 @@ def test_qclient_reports_and_ratios():
     assert "failed: boom" in table and "more" not in table
 
 
+def _results(engines, threads=None):
+    settings = dict(queries=3, warmup=1, query_file="q.jsonl")
+    if threads is not None:
+        settings["threads"] = threads
+    return dict(
+        generated_at="2026-01-01T00:00:00+00:00", command="bench/peers.py --queries 3", commit="abc",
+        machine=dict(cpu="Test CPU", cores=2, memory_gib=8, os="Linux", load_before="0 0 0", load_after="0 0 0"),
+        versions={k: "1" for k in ("qserver", "python", "onnxruntime", "torch", "transformers", "optimum",
+                                   "optimum-onnx", "ctranslate2")},
+        settings=settings,
+        models=[dict(key="m", title="Model", short_title="m", description="desc", engines=engines, notes=["n"])],
+        concurrency=None, cache_hit=None, failures=[])
+
+
+def test_thread_count_names_the_report_and_the_method(tmp_path):
+    engines = [dict(key="ours-grpc", name="qserver (gRPC)", detail="d", stats=report.summarize([(10.0, 5)]),
+                    error=None)]
+    report.add_ratios(engines, "ours-grpc")
+    one = report.write_all(_results(engines, threads=1), tmp_path)
+    assert [p.name for p in one] == ["benchmarks.md", "benchmarks.json", "benchmarks.png"]
+    assert "One thread for every engine" in one[0].read_text()
+    assert "--intra-op-threads 1 " in one[0].read_text()
+    two = report.write_all(_results(engines, threads=2), tmp_path)
+    assert [p.name for p in two] == ["benchmarks-2-threads.md", "benchmarks-2-threads.json",
+                                     "benchmarks-2-threads.png"]
+    text = two[0].read_text()
+    assert "2 threads for every engine" in text and "--intra-op-threads 2 " in text
+    assert "intra_threads=2" in text and "spinning off" in text
+    # The one-thread report is left as it was.
+    assert "One thread for every engine" in one[0].read_text()
+
+
 def test_write_all(tmp_path):
     stats = report.summarize([(10.0, 5), (12.0, 7), (30.0, 6)])
     engines = [dict(key="ours-grpc", name="qserver (gRPC)", detail="d", stats=stats, error=None),

@@ -108,6 +108,8 @@ pub struct OnnxT5 {
     length_penalty: f64,
     /// The capitalised-word constraint, when the model ships `constraint.json` (greedy only).
     constraint: Option<Arc<ConstraintModel>>,
+    /// The native decoder's threads when it may use more than one (`intra_op_threads`).
+    threads: Option<Arc<rayon::ThreadPool>>,
 }
 
 fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -284,6 +286,16 @@ impl OnnxT5 {
 
         let encoder = open_session(env, &dir.file(model_dir::ENCODER_FILE), settings)?;
         let encoder_io = EncoderIo::discover(dir, &encoder)?;
+        let threads = match (&native, settings.intra_op_threads) {
+            (Some(_), n) if n > 1 => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("qserver-decode-{i}"))
+                    .build()
+                    .map_err(|e| ModelError::Load { file: dir.root.clone(), reason: format!("decoder threads: {e}") })?,
+            )),
+            _ => None,
+        };
         let decoder = match native {
             Some(native) => Decoder::Native(native),
             None => Decoder::Onnx(OnnxDecoder::load(env, dir, settings)?),
@@ -303,6 +315,7 @@ impl OnnxT5 {
             config: dir.config.clone(),
             length_penalty: dir.generation.length_penalty,
             constraint,
+            threads,
         })
     }
 
@@ -582,6 +595,20 @@ fn gather_rows(value: &DynValue, parents: &[usize]) -> Result<DynValue, EngineEr
 
 impl Engine for OnnxT5 {
     fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+        match self.threads.clone() {
+            // On a pool thread, so the native decoder's matrix products use the whole pool.
+            Some(pool) => pool.install(|| self.generate_here(req, cancel)),
+            None => self.generate_here(req, cancel),
+        }
+    }
+
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+}
+
+impl OnnxT5 {
+    fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
         let started = Instant::now();
         cancel.check(0)?;
         let (ids, truncated) = self.tokenize(req)?;
@@ -611,12 +638,6 @@ impl Engine for OnnxT5 {
         Ok(Generation { candidates, timings, truncated })
     }
 
-    fn model_id(&self) -> &str {
-        &self.model_id
-    }
-}
-
-impl OnnxT5 {
     /// Whether greedy decoding applies the model's capitalised-word constraint.
     pub fn constrained(&self) -> bool {
         self.constraint.is_some()

@@ -15,7 +15,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use kernels::{gelu_new, gemv, rms_norm, softmax, QuantVector};
+use kernels::{gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector};
 pub use weights::DecoderShape;
 use weights::{Layer, Weights};
 
@@ -95,15 +95,22 @@ impl NativeDecoder {
                 qv
             })
             .collect();
-        let mut kv = vec![0f32; 2 * inner];
         let mut keys = vec![Vec::with_capacity(len * inner); s.layers];
         let mut values = vec![Vec::with_capacity(len * inner); s.layers];
-        // Layer by layer, so one layer's K/V weights stay in cache across all positions.
+        let mut kv = vec![0f32; len * 2 * inner];
+        // Layer by layer, so one layer's K/V weights stay in cache across all positions; the
+        // positions are split across the pool's threads, if any.
         for (i, layer) in self.w.layers.iter().enumerate() {
-            for qv in &inputs {
-                gemv(&layer.cross_kv, qv, &mut kv);
-                keys[i].extend_from_slice(&kv[..inner]);
-                values[i].extend_from_slice(&kv[inner..]);
+            let project = |(qv, out): (&QuantVector, &mut [f32])| gemv_rows(&layer.cross_kv, 0, qv, out);
+            if kernels::pool_threads() > 1 {
+                use rayon::prelude::*;
+                inputs.par_iter().zip(kv.par_chunks_mut(2 * inner)).for_each(project);
+            } else {
+                inputs.iter().zip(kv.chunks_mut(2 * inner)).for_each(project);
+            }
+            for pos in kv.chunks_exact(2 * inner) {
+                keys[i].extend_from_slice(&pos[..inner]);
+                values[i].extend_from_slice(&pos[inner..]);
             }
         }
         CrossCache { len, keys, values }
