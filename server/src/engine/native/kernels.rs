@@ -24,17 +24,56 @@ pub struct QuantVector {
     pub scale: f32,
 }
 
+/// Lanes of the element-wise loops below. Written as fixed-width chunks, they compile to SIMD
+/// without `unsafe`: a plain float sum or max is not vectorized (it would reorder the operations),
+/// and `f32::round` / `exp` / `tanh` are calls into libm.
+const LANES: usize = 8;
+
+/// Rounds to the nearest integer (ties to even) for |v| < 2^22, in two additions.
+#[inline]
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (v + MAGIC) - MAGIC
+}
+
+/// Largest |x|: a NaN is ignored, an infinity returned.
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    lanes.iter().chain(rest.iter()).fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m })
+}
+
+/// Sum of products, in `LANES` partial sums.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Quantizes values to [-127, 127] with one scale (`max |x| / 127`). -128 is never used, so
 /// the AVX2 pair sums (2 * 127 * 127) cannot saturate 16 bits.
 fn quantize_into(x: &[f32], q: &mut Vec<i8>) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = abs_max(x);
     q.clear();
     if amax == 0.0 || !amax.is_finite() {
         q.resize(x.len(), 0);
         return if amax.is_finite() { 1.0 } else { f32::NAN };
     }
     let inv = 127.0 / amax;
-    q.extend(x.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+    q.extend(x.iter().map(|v| round_small((v * inv).clamp(-127.0, 127.0)) as i8));
     amax / 127.0
 }
 
@@ -203,31 +242,50 @@ mod avx2_impl {
 
 /// T5's layer norm: scale only, no mean subtraction, no bias.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let mean_sq = dot(x, x) / x.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv * w;
     }
 }
 
+/// e^x without libm, so loops over it vectorize (Cephes' `expf` polynomial: relative error
+/// below 2e-7; inputs clamped to [-87.3, 88.0], where e^x stays a normal f32).
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.0);
+    let n = round_small(x * LOG2E);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = exp(*v - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / x.iter().sum::<f32>();
     for v in x.iter_mut() {
         *v *= inv;
     }
 }
 
-/// GELU, tanh approximation (`gelu_new` in Hugging Face T5 configs).
+/// GELU, tanh approximation (`gelu_new` in Hugging Face T5 configs), with
+/// tanh(z) = 1 - 2 / (e^2z + 1).
+#[inline]
 pub fn gelu_new(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+    let z = C * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * z) + 1.0);
+    0.5 * x * (1.0 + tanh)
 }
 
 #[cfg(test)]
@@ -324,5 +382,32 @@ mod tests {
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[2] > p[1] && p[1] > p[0]);
         assert_eq!(gelu_new(0.0), 0.0);
         assert!((gelu_new(1.0) - 0.841_192).abs() < 1e-5);
+    }
+
+    #[test]
+    fn exp_and_gelu_match_libm() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.043; // -86 .. 86
+            let (fast, exact) = (exp(x), x.exp());
+            assert!(((fast - exact) / exact).abs() < 1e-6, "exp({x}) = {fast}, libm {exact}");
+            let reference = 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
+            assert!((gelu_new(x) - reference).abs() <= 1e-6 * reference.abs().max(1.0), "gelu({x})");
+        }
+        // Clamped, never 0 or infinite: softmax of extreme scores stays a distribution.
+        assert_eq!(exp(-1000.0), exp(-87.3));
+        assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn dot_and_abs_max_of_every_length() {
+        for n in [0, 1, 7, 8, 9, 31, 64, 100] {
+            let (a, b) = (pseudo_random(n, 1), pseudo_random(n, 2));
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            assert!((f64::from(dot(&a, &b)) - naive).abs() < 1e-5, "n {n}");
+            let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(abs_max(&a), max, "n {n}");
+        }
+        assert_eq!(abs_max(&[1.0, f32::NAN, -3.0]), 3.0);
+        assert_eq!(abs_max(&[1.0, f32::NEG_INFINITY]), f32::INFINITY);
     }
 }

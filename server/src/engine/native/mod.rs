@@ -15,7 +15,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use kernels::{gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector};
+use kernels::{dot, gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector};
 pub use weights::DecoderShape;
 use weights::{Layer, Weights};
 
@@ -231,7 +231,7 @@ fn attend(
         let qh = &q[h * dk..(h + 1) * dk];
         for (j, score) in scores.iter_mut().enumerate() {
             let k = &keys[j * inner + h * dk..j * inner + (h + 1) * dk];
-            *score = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() + bias.map_or(0.0, |b| b[h * len + j]);
+            *score = dot(qh, k) + bias.map_or(0.0, |b| b[h * len + j]);
         }
         softmax(scores);
         let out = &mut ctx[h * dk..(h + 1) * dk];
