@@ -495,8 +495,8 @@ def parse_args(argv=None):
     p.add_argument("--engines", default=",".join(ENGINE_KEYS), help=f"subset of {','.join(ENGINE_KEYS)}")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for every engine (qserver --intra-op-threads, torch, ONNX Runtime, CTranslate2); "
-                        "above 1 the report goes to benchmarks-N-threads.* and the load and cache sections are "
-                        "skipped (they are about the server's defaults)")
+                        "above 1 the report goes to benchmarks-N-threads.*; the load and cache sections always "
+                        "use the server's defaults (one worker per core, 1 thread each)")
     p.add_argument("--concurrency", default="1,2,4,8", help="levels for the load table ('' to skip it)")
     p.add_argument("--load-requests", type=int, default=None,
                    help="measured requests per concurrency level (default: 2 x --queries)")
@@ -546,8 +546,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.threads > 1:
-        levels, args.no_cache = [], True
     results = dict(
         generated_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/peers.py", *(argv or sys.argv[1:])]),

@@ -43,13 +43,14 @@ pub struct Config {
     #[arg(long, env = "QSERVER_WORKERS")]
     pub workers: Option<NonZeroUsize>,
 
-    /// Who runs the decoder steps: `native` (int8 Rust decoder on the model's
-    /// pytorch/model.safetensors, about 1.5x faster per step), `onnx` (ONNX Runtime on the decoder
-    /// files), or `auto` (native when the checkpoint exists).
+    /// Who runs the decoder steps: `native` (the Rust int8 decoder on the model's
+    /// pytorch/model.safetensors), `onnx` (ONNX Runtime on the decoder files), or `auto` (native
+    /// when the checkpoint exists).
     #[arg(long, env = "QSERVER_DECODER", value_enum, default_value_t = DecoderKind::Auto)]
     pub decoder: DecoderKind,
 
-    /// ONNX Runtime intra-op threads per session (spinning is turned off above 1).
+    /// Threads per generation: ONNX Runtime intra-op threads per session (spinning is turned
+    /// off above 1) and the native decoder's threads per worker.
     #[arg(long, env = "QSERVER_INTRA_OP_THREADS", default_value_t = NonZeroUsize::MIN)]
     pub intra_op_threads: NonZeroUsize,
 
@@ -126,6 +127,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:50051");
         assert!(c.model.ends_with("models/qreformulate-t5"));
         assert_eq!(c.intra_op_threads.get(), 1);
+        assert_eq!(c.decoder, DecoderKind::Auto);
         assert_eq!(c.max_concurrent_requests.get(), 64);
         assert_eq!(c.max_query_chars.get(), 2000);
         assert_eq!(c.max_input_tokens.get(), 256);
@@ -145,6 +147,9 @@ mod tests {
         assert_eq!(c.worker_count(), 3);
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["qserver", "--workers", "0"]).is_err());
+        let c = Config::try_parse_from(["qserver", "--decoder", "onnx"]).unwrap();
+        assert_eq!(c.decoder, DecoderKind::Onnx);
+        assert!(Config::try_parse_from(["qserver", "--decoder", "gpu"]).is_err());
         assert!(Config::try_parse_from(["qserver", "--max-input-tokens", "0"]).is_err());
     }
 

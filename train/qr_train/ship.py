@@ -4,7 +4,7 @@
 
 train (qr_train.train with the shipped hyper-parameters) -> export with Optimum -> int8
 (quantize_dynamic, MatMulConstBOnly) -> constraint.json (property words) -> pytorch/ (the fp16
-checkpoint, for the peer benchmarks) -> evaluation (fp32 vs int8 vs echo) -> MODEL_CARD.md facts
+checkpoint, for qserver's native decoder and the peer benchmarks) -> evaluation (fp32 vs int8 vs echo) -> MODEL_CARD.md facts
 in OUT/metrics.json and the training curve in docs/training-curve.png.
 """
 from __future__ import annotations
@@ -142,8 +142,9 @@ to rewrite a question into search-engine subqueries joined by ` | `. Generated b
 - Tokenizer: Unigram with byte fallback (`<pad>`=0, `</s>`=1, `<unk>`=2; never `<unk>`), `tokenizer.json`.{tok_note}
 - Files: `encoder_model.onnx`, `decoder_model.onnx`, `decoder_with_past_model.onnx` (int8,
   dynamic quantization of the weight MatMuls, {_size_mib(model_dir):.1f} MiB in all), `config.json`,
-  `generation_config.json`, `tokenizer.json`, {constraint_note}, `pytorch/` (the fp16 checkpoint,
-  for the peer benchmarks).
+  `generation_config.json`, `tokenizer.json`, {constraint_note}, `pytorch/` (the fp16 checkpoint:
+  qserver's native decoder quantizes its decoder weights to int8 at start-up, and the peer
+  benchmarks build their engines from it).
 - Training: AdamW, peak lr {a['lr']}, batch {a['batch_size']}, warm-up {a['warmup_steps']} steps,
   {schedule}, on {hardware}; entity-swap augmentation rate {a['aug_rate']}, a fresh augmentation
   each epoch. {last['step']} steps ({last['epoch']} epochs) in {last['elapsed_seconds'] / 60:.1f}

@@ -228,6 +228,19 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_checkpoint_where_the_layouts_put_it() {
+        let dir = temp_dir("checkpoint");
+        write_all(&dir, CONFIG);
+        assert_eq!(ModelDir::open(&dir).unwrap().checkpoint, None);
+        std::fs::write(dir.join("model.safetensors"), b"x").unwrap();
+        assert_eq!(ModelDir::open(&dir).unwrap().checkpoint, Some(dir.join("model.safetensors")));
+        // The shipped layout (pytorch/) wins over a file at the top.
+        std::fs::create_dir_all(dir.join("pytorch")).unwrap();
+        std::fs::write(dir.join("pytorch/model.safetensors"), b"x").unwrap();
+        assert_eq!(ModelDir::open(&dir).unwrap().checkpoint, Some(dir.join("pytorch/model.safetensors")));
+    }
+
+    #[test]
     fn eos_list_and_generation_config() {
         let dir = temp_dir("lists");
         write_all(&dir, &CONFIG.replace(r#""eos_token_id": 1"#, r#""eos_token_id": [1, 5]"#));
