@@ -101,8 +101,8 @@ fn every_search_runs_natively() {
 fn decoder_choice_without_a_checkpoint() {
     let dir = copy_without_checkpoint("plain");
     let err = engine(&dir, DecoderKind::Native).err().expect("native needs the checkpoint");
-    assert!(matches!(err, ModelError::MissingFile(ref p) if p.ends_with("pytorch/model.safetensors")), "{err}");
-    assert!(err.to_string().contains("pytorch/model.safetensors"), "{err}");
+    assert!(matches!(err, ModelError::MissingCheckpoint(ref p) if p.ends_with("pytorch/model.safetensors")), "{err}");
+    assert!(err.to_string().contains("pytorch/model.safetensors") && err.to_string().contains("--decoder"), "{err}");
     // auto falls back to ONNX Runtime and still answers.
     let mut auto = engine(&dir, DecoderKind::Auto).unwrap();
     assert_eq!(auto.decoder_kind(), DecoderKind::Onnx);

@@ -28,6 +28,11 @@ pub enum ModelError {
     NotADirectory(PathBuf),
     #[error("model file {0} is missing (a model directory needs {files})", files = REQUIRED.join(", "))]
     MissingFile(PathBuf),
+    #[error(
+        "--decoder native needs the model's PyTorch checkpoint at {0} (or model.safetensors beside the \
+         ONNX files); use --decoder auto or onnx to decode with ONNX Runtime"
+    )]
+    MissingCheckpoint(PathBuf),
     #[error("model file {file} is malformed: {reason}")]
     Malformed { file: PathBuf, reason: String },
     #[error("cannot load {file}: {reason}")]

@@ -480,7 +480,7 @@ pub fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<Arc<Nativ
         (DecoderKind::Onnx, _) | (DecoderKind::Auto, None) => return Ok(None),
         (_, Some(file)) => file,
         (DecoderKind::Native, None) => {
-            return Err(ModelError::MissingFile(dir.file(model_dir::CHECKPOINT_FILES[0])));
+            return Err(ModelError::MissingCheckpoint(dir.file(model_dir::CHECKPOINT_FILES[0])));
         }
     };
     let config_file = dir.file(model_dir::CONFIG_FILE);

@@ -41,12 +41,6 @@ pub struct RowCache {
     values: Vec<Vec<f32>>,
 }
 
-impl RowCache {
-    pub fn steps(&self) -> usize {
-        self.steps
-    }
-}
-
 /// Reusable buffers of one generation, so a step allocates nothing once they have grown.
 #[derive(Default)]
 pub struct Scratch {
