@@ -86,7 +86,8 @@ pub async fn serve(
                 // One copy of the native decoder's weights for every worker.
                 let native = onnx_t5::load_native(&model, settings.decoder)?;
                 let decoder = if native.is_some() { DecoderKind::Native } else { DecoderKind::Onnx };
-                tracing::info!(?decoder, "decoder steps run on {decoder:?}");
+                let streamed = native.as_ref().is_some_and(|n| n.streams_weights());
+                tracing::info!(?decoder, streamed_weights = streamed, "decoder steps run on {decoder:?}");
                 let factory: EngineFactory = Arc::new(move |_| {
                     OnnxT5::load_with(&env, &model, &settings, native.clone())
                         .map(|engine| Box::new(engine) as Box<dyn Engine>)

@@ -15,6 +15,9 @@ pub struct QuantMatrix {
     pub cols: usize,
     pub data: Vec<i8>,
     pub scales: Vec<f32>,
+    /// Read once per use from memory (the decoder step's weights when they are larger than the
+    /// caches): prefetched non-temporally, which keeps them from evicting what does fit.
+    pub streamed: bool,
 }
 
 /// A vector quantized symmetrically to [-127, 127]: `x ≈ q * scale`.
@@ -88,7 +91,7 @@ impl QuantMatrix {
             scales.push(quantize_into(row, &mut q));
             data.extend_from_slice(&q);
         }
-        Self { rows, cols, data, scales }
+        Self { rows, cols, data, scales, streamed: false }
     }
 }
 
@@ -135,7 +138,13 @@ pub fn gemv_rows(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) 
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time); ranges are asserted above.
-        unsafe { avx2_impl::gemv(w, first, x, y) };
+        unsafe {
+            if w.streamed {
+                avx2_impl::gemv::<{ avx2_impl::STREAM }>(w, first, x, y)
+            } else {
+                avx2_impl::gemv::<{ avx2_impl::CACHE }>(w, first, x, y)
+            }
+        };
         return;
     }
     gemv_scalar(w, first, x, y);
@@ -179,8 +188,12 @@ mod avx2_impl {
         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones)
     }
 
+    /// Prefetch hints: `_MM_HINT_NTA` for weights read once per step, `_MM_HINT_T0` otherwise.
+    pub const STREAM: i32 = _MM_HINT_NTA;
+    pub const CACHE: i32 = _MM_HINT_T0;
+
     #[target_feature(enable = "avx2")]
-    pub unsafe fn gemv(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
+    pub unsafe fn gemv<const HINT: i32>(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
         let (rows, cols) = (y.len(), w.cols);
         let body = cols - cols % 32;
         let ones = _mm256_set1_epi16(1);
@@ -200,8 +213,8 @@ mod avx2_impl {
                 // The next four rows are 4 * cols bytes ahead; fetch 128 of them per 32 columns.
                 let pf = base.wrapping_add(4 * cols + 4 * c);
                 if pf < end {
-                    _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64) as *const i8);
+                    _mm_prefetch::<HINT>(pf as *const i8);
+                    _mm_prefetch::<HINT>(pf.wrapping_add(64) as *const i8);
                 }
                 let xv = _mm256_loadu_si256(xp.add(c) as *const __m256i);
                 let ax = _mm256_sign_epi8(xv, xv);
@@ -318,6 +331,11 @@ mod tests {
             let mut part = vec![0f32; rows - first];
             gemv_rows(&w, first, &x, &mut part);
             assert_eq!(part, slow[first..], "rows {first}.. of {rows}");
+            // The prefetch hint changes where the bytes are cached, never the result.
+            let streamed = QuantMatrix { streamed: true, ..w.clone() };
+            let mut via_stream = vec![0f32; rows];
+            gemv(&streamed, &x, &mut via_stream);
+            assert_eq!(via_stream, slow, "streamed rows {rows} cols {cols}");
         }
     }
 

@@ -76,6 +76,11 @@ impl NativeDecoder {
         &self.w.shape
     }
 
+    /// Whether each step's weights are read as a stream (too large to stay cached).
+    pub fn streams_weights(&self) -> bool {
+        self.w.lm_head.streamed
+    }
+
     /// Cross-attention K/V of every layer for one encoder output, `[src_len][d_model]` row-major.
     pub fn cross_cache(&self, encoder_states: &[f32]) -> CrossCache {
         let s = &self.w.shape;
