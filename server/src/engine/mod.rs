@@ -1,5 +1,5 @@
-//! The model: tokenizer, ONNX Runtime sessions, the decode loop and its search strategies,
-//! timings. Nothing of gRPC lives here; the service talks to it through [`Engine`] and the
+//! The model: tokenizer, ONNX Runtime sessions, the native int8 decoder, the decode loop and
+//! its search strategies, timings. Nothing of gRPC lives here; the service talks to it through [`Engine`] and the
 //! worker [`pool`].
 
 pub mod cancel;

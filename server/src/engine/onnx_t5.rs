@@ -1,7 +1,9 @@
 //! T5 on ONNX Runtime, in Hugging Face Optimum's split layout: the encoder runs once, then
 //! `decoder_model.onnx` takes the first step (it also returns the cross-attention KV), and
 //! `decoder_with_past_model.onnx` takes every further step, fed its own previous KV outputs
-//! as ORT values (no copies, except the beam reorder).
+//! as ORT values (no copies, except the beam reorder). When the model ships its checkpoint, the
+//! decoder steps run on the native int8 decoder instead ([`super::native`], `--decoder`), and
+//! only the encoder session is opened.
 //!
 //! Input and output names are discovered from the sessions, so any layer count works.
 
