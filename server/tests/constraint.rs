@@ -13,15 +13,7 @@ use qserver::engine::{
 };
 
 fn model_copy_with_constraint() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qserver-constraint-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(common::model_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = common::model_files_copy("constraint-e2e");
     // top_k this wide always holds an allowed token, so the argmax fallback never fires.
     std::fs::write(dir.join("constraint.json"), r#"{"top_k": 2048, "property_words": ["Lifespan", "Birth"]}"#).unwrap();
     dir

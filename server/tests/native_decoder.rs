@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qserver::engine::{
     model_dir::ModelError,
@@ -37,20 +37,6 @@ fn test_queries() -> Vec<String> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["query"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// The model directory's files without its checkpoint: what a plain Optimum export looks like.
-fn copy_without_checkpoint(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qserver-native-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(common::model_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    dir
 }
 
 #[test]
@@ -99,7 +85,7 @@ fn every_search_runs_natively() {
 
 #[test]
 fn decoder_choice_without_a_checkpoint() {
-    let dir = copy_without_checkpoint("plain");
+    let dir = common::model_files_copy("native-plain");
     let err = engine(&dir, DecoderKind::Native).err().expect("native needs the checkpoint");
     assert!(matches!(err, ModelError::MissingCheckpoint(ref p) if p.ends_with("pytorch/model.safetensors")), "{err}");
     assert!(err.to_string().contains("pytorch/model.safetensors") && err.to_string().contains("--decoder"), "{err}");
@@ -112,7 +98,7 @@ fn decoder_choice_without_a_checkpoint() {
 
 #[test]
 fn a_checkpoint_of_another_shape_is_named() {
-    let dir = copy_without_checkpoint("bad-shape");
+    let dir = common::model_files_copy("native-bad-shape");
     std::fs::create_dir_all(dir.join("pytorch")).unwrap();
     // The real checkpoint with one decoder tensor swapped for one of another shape.
     let real = std::fs::read(common::model_dir().join("pytorch/model.safetensors")).unwrap();

@@ -17,16 +17,10 @@ async fn serve_error(extra: &[&str]) -> ServerError {
         .expect_err("serve must fail")
 }
 
+/// The model's files without `skip`.
 fn temp_model_copy(name: &str, skip: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("qserver-startup-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(common::model_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() && path.file_name().unwrap() != skip {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = common::model_files_copy(&format!("startup-{name}"));
+    std::fs::remove_file(dir.join(skip)).unwrap();
     dir
 }
 

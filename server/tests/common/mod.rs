@@ -16,6 +16,21 @@ pub fn model_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5")))
 }
 
+/// A fresh temporary copy of the model directory's top-level files (`qserver-{tag}-{pid}`):
+/// subdirectories such as `pytorch/` are left out, as in a plain Optimum export.
+pub fn model_files_copy(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qserver-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
 pub fn config(extra: &[&str]) -> Config {
     let mut args: Vec<String> = vec!["qserver".into()];
     if !extra.contains(&"--model") {
