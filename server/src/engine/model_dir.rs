@@ -79,6 +79,8 @@ pub struct ModelDir {
     pub constraint: Option<ConstraintFile>,
     /// The PyTorch checkpoint (safetensors), when the model ships one.
     pub checkpoint: Option<PathBuf>,
+    /// All of `config.json`: the native decoder reads more fields than [`T5Config`] holds.
+    pub config_json: Value,
 }
 
 impl ModelDir {
@@ -96,7 +98,9 @@ impl ModelDir {
                 return Err(ModelError::MissingFile(path));
             }
         }
-        let config = parse_t5_config(&root.join(CONFIG_FILE))?;
+        let config_path = root.join(CONFIG_FILE);
+        let config_json = read_json(&config_path)?;
+        let config = parse_t5_config(&config_path, &config_json)?;
         let generation_path = root.join(GENERATION_CONFIG_FILE);
         let generation = if generation_path.is_file() {
             parse_generation_config(&generation_path)?
@@ -110,7 +114,7 @@ impl ModelDir {
             .unwrap_or_else(|| canonical.display().to_string());
         let constraint = ConstraintFile::read(root)?;
         let checkpoint = CHECKPOINT_FILES.iter().map(|f| root.join(f)).find(|p| p.is_file());
-        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint, checkpoint })
+        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint, checkpoint, config_json })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -118,7 +122,7 @@ impl ModelDir {
     }
 }
 
-pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
+fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ModelError::Load { file: path.to_path_buf(), reason: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| ModelError::Malformed { file: path.to_path_buf(), reason: e.to_string() })
@@ -133,11 +137,10 @@ fn uint_field(json: &Value, key: &str) -> Option<u64> {
     }
 }
 
-fn parse_t5_config(path: &Path) -> Result<T5Config, ModelError> {
-    let json = read_json(path)?;
+fn parse_t5_config(path: &Path, json: &Value) -> Result<T5Config, ModelError> {
     let malformed = |reason: String| ModelError::Malformed { file: path.to_path_buf(), reason };
     let required = |key: &str| -> Result<usize, ModelError> {
-        let v = uint_field(&json, key).ok_or_else(|| malformed(format!("missing or non-integer field `{key}`")))?;
+        let v = uint_field(json, key).ok_or_else(|| malformed(format!("missing or non-integer field `{key}`")))?;
         usize::try_from(v).map_err(|_| malformed(format!("field `{key}` is out of range")))
     };
     let num_layers = required("num_layers")?;
@@ -148,9 +151,9 @@ fn parse_t5_config(path: &Path) -> Result<T5Config, ModelError> {
     if num_heads == 0 || d_kv == 0 || vocab_size == 0 {
         return Err(malformed("num_heads, d_kv and vocab_size must be positive".into()));
     }
-    let num_decoder_layers = uint_field(&json, "num_decoder_layers").map_or(num_layers, |v| v as usize);
+    let num_decoder_layers = uint_field(json, "num_decoder_layers").map_or(num_layers, |v| v as usize);
     let token = |key: &str, default: u32| -> Result<u32, ModelError> {
-        match uint_field(&json, key) {
+        match uint_field(json, key) {
             None => Ok(default),
             Some(v) => u32::try_from(v).map_err(|_| malformed(format!("field `{key}` is out of range"))),
         }

@@ -485,9 +485,8 @@ pub fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<Arc<Nativ
             return Err(ModelError::MissingCheckpoint(dir.file(model_dir::CHECKPOINT_FILES[0])));
         }
     };
-    let config_file = dir.file(model_dir::CONFIG_FILE);
-    let shape = DecoderShape::from_config(&dir.config, &model_dir::read_json(&config_file)?)
-        .map_err(|reason| ModelError::Malformed { file: config_file, reason })?;
+    let shape = DecoderShape::from_config(&dir.config, &dir.config_json)
+        .map_err(|reason| ModelError::Malformed { file: dir.file(model_dir::CONFIG_FILE), reason })?;
     NativeDecoder::load(checkpoint, shape).map(|d| Some(Arc::new(d)))
 }
 
