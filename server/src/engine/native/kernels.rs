@@ -213,8 +213,8 @@ mod avx2_impl {
                 // The next four rows are 4 * cols bytes ahead; fetch 128 of them per 32 columns.
                 let pf = base.wrapping_add(4 * cols + 4 * c);
                 if pf < end {
-                    _mm_prefetch::<HINT>(pf as *const i8);
-                    _mm_prefetch::<HINT>(pf.wrapping_add(64) as *const i8);
+                    _mm_prefetch::<HINT>(pf);
+                    _mm_prefetch::<HINT>(pf.wrapping_add(64));
                 }
                 let xv = _mm256_loadu_si256(xp.add(c) as *const __m256i);
                 let ax = _mm256_sign_epi8(xv, xv);
@@ -274,7 +274,7 @@ pub fn exp(x: f32) -> f32 {
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
