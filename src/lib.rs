@@ -1,7 +1,10 @@
 //! API crate of qreformulate: the generated gRPC types and stubs, the descriptor set for
-//! reflection, and the rules that server and client must share (subquery splitting, the
-//! evaluation metrics, latency statistics, gRPC code names).
+//! reflection, and the rules that server and client must share (subquery splitting, word
+//! grounding and the output guards, the evaluation metrics, latency statistics, gRPC code
+//! names).
 
+pub mod grounding;
+pub mod guards;
 pub mod latency;
 pub mod metrics;
 pub mod subqueries;

@@ -1,16 +1,18 @@
-//! The one rule that turns the model's text into subqueries (shared by server and client).
+//! Text into subqueries: the parts of a `|`-joined text. The service answers with
+//! [`crate::guards::sanitize`], which starts from [`parts`]; [`split`] is the plain rule of
+//! unguarded answers (`GenerationOptions.unguarded`) and of labelled data.
 
-/// Splits model output on `'|'`: each part trimmed with internal whitespace runs collapsed
-/// to one space; empty parts dropped; case-insensitive duplicates dropped (the first wins).
-/// Never empty: falls back to the trimmed `query` itself.
+/// The `|`-separated parts of `text`, whitespace collapsed, empty parts dropped.
+pub fn parts(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split('|').map(collapse_whitespace).filter(|part| !part.is_empty())
+}
+
+/// The plain split: [`parts`] without case-insensitive duplicates (the first wins). Never
+/// empty: falls back to the trimmed `query` itself.
 pub fn split(text: &str, query: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut seen: Vec<String> = Vec::new(); // lowercased; lists are a handful long
-    for part in text.split('|') {
-        let part = collapse_whitespace(part);
-        if part.is_empty() {
-            continue;
-        }
+    for part in parts(text) {
         let key = part.to_lowercase();
         if seen.contains(&key) {
             continue;
