@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from .corpus import Example
 from .entities import NameFactory, augment
 from .tokenizer import EOS_ID
+from .traffic import Facts, epoch_rows
 
 MAX_SOURCE_TOKENS = 96
 MAX_TARGET_TOKENS = 96
@@ -34,31 +35,39 @@ def encode(tok: Tokenizer, examples: list[Example]) -> list[Pair]:
 
 
 def make_epoch(tok: Tokenizer, train: list[Example], real_names: list[str], seed: int, epoch: int,
-               aug_rate: float) -> list[Pair]:
-    """Epoch `epoch`'s pairs; a pure function of its arguments, so workers and inline agree."""
+               aug_rate: float, traffic_rate: float = 0.0, facts: Facts | None = None) -> list[Pair]:
+    """Epoch `epoch`'s pairs; a pure function of its arguments, so workers and inline agree.
+    With `traffic_rate` > 0, len(train) * traffic_rate traffic-shaped rows are added (traffic.py)."""
     names = NameFactory(seed * 100_003 + epoch, real_names)
-    return encode(tok, [augment(ex, names, aug_rate) for ex in train])
+    rows = [augment(ex, names, aug_rate) for ex in train]
+    if traffic_rate > 0:
+        facts = facts or Facts.from_examples(train)
+        rows += epoch_rows(train, facts, real_names, seed, epoch, aug_rate, int(len(train) * traffic_rate))
+    return encode(tok, rows)
 
 
 # Per-worker state, set once by the pool initializer (the rows are sent once, not per epoch).
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, train: list[Example], real_names: list[str], seed: int, aug_rate: float) -> None:
-    _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), train=train, names=real_names, seed=seed, rate=aug_rate)
+def _init_worker(tokenizer_json: str, train: list[Example], real_names: list[str], seed: int, aug_rate: float,
+                 traffic_rate: float) -> None:
+    _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), train=train, names=real_names, seed=seed, rate=aug_rate,
+                   traffic=traffic_rate, facts=Facts.from_examples(train) if traffic_rate > 0 else None)
 
 
 def _worker_epoch(epoch: int) -> list[Pair]:
     w = _WORKER
-    return make_epoch(w["tok"], w["train"], w["names"], w["seed"], epoch, w["rate"])
+    return make_epoch(w["tok"], w["train"], w["names"], w["seed"], epoch, w["rate"], w["traffic"], w["facts"])
 
 
 class EpochSource:
     """Yields epochs 1, 2, 3, ... of augmented pairs, prepared `workers` epochs ahead."""
 
     def __init__(self, tok: Tokenizer, train: list[Example], real_names: list[str], seed: int,
-                 aug_rate: float, workers: int = 0):
-        self.args = (tok, train, real_names, seed, aug_rate)
+                 aug_rate: float, workers: int = 0, traffic_rate: float = 0.0):
+        self.facts = Facts.from_examples(train) if traffic_rate > 0 else None
+        self.args = (tok, train, real_names, seed, aug_rate, traffic_rate)
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[Future] = deque()
         self.next_epoch = 1
@@ -66,7 +75,7 @@ class EpochSource:
             # spawn: the training process may already hold a CUDA context, which fork would copy.
             self.pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(tok.to_str(), train, real_names, seed, aug_rate))
+                initializer=_init_worker, initargs=(tok.to_str(), train, real_names, seed, aug_rate, traffic_rate))
             for _ in range(workers * 2):
                 self._submit()
 
@@ -76,9 +85,9 @@ class EpochSource:
 
     def next(self) -> list[Pair]:
         if self.pool is None:
-            tok, train, names, seed, rate = self.args
+            tok, train, names, seed, rate, traffic = self.args
             epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
-            return make_epoch(tok, train, names, seed, epoch, rate)
+            return make_epoch(tok, train, names, seed, epoch, rate, traffic, self.facts)
         pairs = self.pending.popleft().result()
         self._submit()
         return pairs

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--aug-rate", type=float, default=0.6, help="share of training rows whose entities get swapped each epoch")
+    p.add_argument("--traffic-rate", type=float, default=0.4,
+                   help="traffic-shaped rows (traffic.py) added each epoch, as a share of the training rows")
     p.add_argument("--val-sample", type=int, default=300, help="validation rows generated each evaluation for ROUGE-L")
     p.add_argument("--val-loss-rows", type=int, default=500, help="validation rows for the validation loss")
     p.add_argument("--seed", type=int, default=13)
@@ -186,7 +188,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}, device {device}", flush=True)
 
-    epochs = EpochSource(tok, train, collect_names(train), args.seed, args.aug_rate, args.data_workers)
+    epochs = EpochSource(tok, train, collect_names(train), args.seed, args.aug_rate, args.data_workers,
+                         args.traffic_rate)
     val_pairs = encode(tok, val)
     val_rng = random.Random(args.seed + 1)
     val_sample = val_rng.sample(val, min(args.val_sample, len(val)))

@@ -1,0 +1,263 @@
+"""Training rows that look like real search traffic, built from the training split itself.
+
+The corpus holds comparison, chaining and expansion questions in one careful writing style.
+Real traffic also has single-fact questions, keyword queries already in search form,
+lowercase and unpunctuated questions, misspellings, long questions with context around the
+part that matters, and how-to, shopping or open questions. The model has seen none of those,
+so it invents words for them. Each epoch mixes in rows of those shapes, made with the templates
+below from the training rows' own entities and property phrases (never from held-out rows):
+
+- single:     'how tall is X' -> 'X Height' (a property phrase the corpus uses for X)
+- keyword:    'X population' -> unchanged (already a search query)
+- lowercase:  a training question lowercased, punctuation dropped -> its target, names as written
+- misspelled: a training question with typos in its non-name words -> its target; sometimes a
+              typo in a name too, and the target keeps the name spelled right
+- long:       a training question inside a sentence of context -> its target
+- open:       how-to, shopping and open questions -> unchanged (the words that matter are all there)
+
+"Unchanged" targets are the query's words with the edge punctuation dropped, so every target
+word is grounded in its query (see grounding.py).
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .corpus import Example
+from .entities import NameFactory, augment, find_mentions
+
+# How people ask for a property the corpus names. {x} is the entity.
+PROPERTY_QUESTIONS: dict[str, list[str]] = {
+    "Population": ["what is the population of {x}", "how many people live in {x}", "population of {x}",
+                   "how populated is {x}"],
+    "Area": ["how big is {x}", "what is the area of {x}", "how large is {x}", "size of {x}"],
+    "Area km²": ["how many square kilometers is {x}", "what is the area of {x} in km²"],
+    "Established": ["when was {x} established", "what year was {x} established", "how old is {x}"],
+    "Founded": ["when was {x} founded", "what year was {x} founded", "who founded {x} and when"],
+    "Birth Date": ["when was {x} born", "what is the birth date of {x}", "what is {x}'s birthday",
+                   "when is {x}'s birthday"],
+    "Death Date": ["when did {x} die", "when did {x} pass away", "what year did {x} die"],
+    "Height": ["how tall is {x}", "how high is {x}", "what is the height of {x}"],
+    "Elevation": ["what is the elevation of {x}", "how high above sea level is {x}", "altitude of {x}"],
+    "Length": ["how long is {x}", "what is the length of {x}"],
+    "Depth": ["how deep is {x}", "what is the depth of {x}"],
+    "Weight": ["how much does {x} weigh", "how heavy is {x}", "weight of a {x}"],
+    "Membership": ["how many members does {x} have", "what is the membership of {x}"],
+    "Duration": ["how long did {x} last", "what was the duration of {x}"],
+    "Origin": ["where does {x} come from", "what is the origin of {x}"],
+    "Located In Country": ["which country is {x} in", "what country is {x} located in", "where is {x}"],
+    "Release Date": ["when was {x} released", "when did {x} come out"],
+    "Publication Date": ["when was {x} published", "when did {x} come out"],
+    "Speakers": ["how many people speak {x}", "how many speakers does {x} have"],
+    "Wingspan": ["what is the wingspan of {x}", "how wide are the wings of {x}"],
+    "Discovery Year": ["when was {x} discovered", "what year was {x} discovered"],
+    "Start Date": ["when did {x} start", "when did {x} begin"],
+    "End Date": ["when did {x} end", "when was the end of {x}"],
+    "Latitude": ["what is the latitude of {x}"],
+    "Longitude": ["what is the longitude of {x}"],
+    "Coordinates": ["where exactly is {x}", "what are the coordinates of {x}"],
+    "Temperature": ["how hot is {x}", "what is the temperature of {x}"],
+    "Distance": ["how far is {x}", "what is the distance of {x}"],
+}
+# Any other property phrase P of entity X.
+GENERIC_QUESTIONS = ["what is the {p} of {x}", "tell me the {p} of {x}", "whats the {p} of {x}",
+                     "{x} {p}?", "do you know the {p} of {x}", "I need the {p} of {x}"]
+# 'how old is X' -> 'X Age' for people (entities with a birth date).
+AGE_QUESTIONS = ["how old is {x}", "what age is {x}", "how old was {x}"]
+
+CONTEXT_BEFORE = [
+    "I am writing a school report and need one fact.", "Quick question for a pub quiz tonight:",
+    "My friend and I were arguing about this over dinner.", "I was reading an article yesterday and got curious.",
+    "Sorry if this is obvious, but", "For a presentation at work next week,", "Settle a bet for me please.",
+    "I have been trying to find this out for a while now, and the search results are confusing.",
+    "Hello! I hope you can help me with something.", "We are planning a family trip next summer.",
+]
+CONTEXT_AFTER = [
+    "Thanks in advance!", "I need it for my homework.", "Any help is appreciated.",
+    "Please keep it short.", "I could not find it anywhere.", "Just curious.",
+]
+
+OPEN_TEMPLATES = [
+    "how to {task}", "how do I {task}", "how can I {task} at home", "best way to {task}",
+    "tips to {task}", "what is the easiest way to {task}", "step by step guide to {task}",
+    "best {product} for {who}", "cheap {product}", "{product} reviews", "which {product} should I buy",
+    "{product} under 100 dollars", "compare {product} prices", "is a {product} worth it",
+    "why is {thing} important", "what are the benefits of {thing}", "ideas for {thing}",
+    "{thing} for beginners", "is {thing} good for {who}",
+]
+TASKS = ["bake bread", "fix a leaking tap", "learn guitar", "train a puppy", "grow tomatoes", "tie a tie",
+         "clean a cast iron pan", "change a flat tire", "write a cover letter", "save money on groceries",
+         "make cold brew coffee", "paint a room", "start running", "sleep better", "remove a stripped screw",
+         "knit a scarf", "brew beer", "meditate", "plant a tree", "back up a phone", "speed up a laptop",
+         "lower a water bill", "fold a fitted sheet", "sharpen a knife", "improve handwriting"]
+PRODUCTS = ["running shoes", "laptop", "office chair", "electric kettle", "coffee grinder", "headphones",
+            "backpack", "rice cooker", "standing desk", "tent", "winter jacket", "air purifier",
+            "baby stroller", "mechanical keyboard", "yoga mat", "water bottle", "e-reader", "blender"]
+WHO = ["students", "beginners", "kids", "seniors", "travel", "small apartments", "gamers", "runners",
+       "families", "programmers"]
+THINGS = ["meditation", "composting", "journaling", "strength training", "public libraries",
+          "recycling", "vitamin d", "a birthday party", "a vegetable garden", "remote work",
+          "bird watching", "cold showers", "board games", "learning languages"]
+
+_EDGE = re.compile(r"^[^\w]+|[^\w]+$", re.UNICODE)
+_KEYBOARD = {c: n for c, n in zip("qwertyuiopasdfghjklzxcvbnm", "wqrtyuiopoasdfghjkllzxcvbnm")}
+
+
+def echo_target(query: str) -> tuple[str, ...]:
+    """The query as one subquery, edge punctuation dropped from every word."""
+    words = [_EDGE.sub("", w) for w in query.split()]
+    return (" ".join(w for w in words if w),)
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """One keyboard slip: swap, drop, double or mistype a letter (never the first)."""
+    if len(word) < 4:
+        return word
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.randrange(4)
+    if op == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if op == 1:
+        return word[:i] + word[i + 1:]
+    if op == 2:
+        return word[:i] + word[i] + word[i:]
+    return word[:i] + _KEYBOARD.get(word[i].lower(), word[i]) + word[i + 1:]
+
+
+def _unpunctuate(text: str) -> str:
+    return " ".join(w for w in (re.sub(r"[?!.,;:]+$", "", t) for t in text.split()) if w)
+
+
+@dataclass
+class Facts:
+    """(entity, property phrase) pairs of the training rows, and their entities' names."""
+
+    pairs: list[tuple[str, str]]
+    people: list[str]
+
+    @classmethod
+    def from_examples(cls, train: list[Example], min_entities: int = 5) -> "Facts":
+        """Properties asked of at least `min_entities` entities: a phrase seen once is more
+        often a mis-split name ('168 84') than a property."""
+        pairs: dict[tuple[str, str], None] = {}
+        for ex in train:
+            for m in find_mentions(ex):
+                for sub in ex.subqueries:
+                    if sub.startswith(m.name + " "):
+                        prop = sub[len(m.name) + 1:]
+                        if len(prop.split()) <= 4 and prop[:1].isupper():
+                            pairs.setdefault((m.name, prop), None)
+        entities: dict[str, set[str]] = defaultdict(set)
+        for name, prop in pairs:
+            entities[prop].add(name)
+        kept = [(n, p) for n, p in pairs if len(entities[p]) >= min_entities]
+        people = sorted(entities["Birth Date"] | entities["Death Date"])
+        return cls(kept, people)
+
+
+class TrafficMaker:
+    """Makes traffic-shaped rows for one epoch; a pure function of (train, seed, epoch)."""
+
+    KINDS = ("single", "keyword", "lowercase", "misspelled", "long", "open")
+
+    def __init__(self, train: list[Example], facts: Facts, names: NameFactory, aug_rate: float, seed: int):
+        self.train, self.facts, self.names, self.aug_rate = train, facts, names, aug_rate
+        self.rng = random.Random(seed)
+
+    def _entity(self, name: str) -> str:
+        return self.names.any_name(name) if self.rng.random() < self.aug_rate else name
+
+    def single(self) -> Example:
+        rng = self.rng
+        if self.facts.people and rng.random() < 0.08:
+            x = self._entity(rng.choice(self.facts.people))
+            return self._styled(rng.choice(AGE_QUESTIONS).format(x=x), (f"{x} Age",), "single")
+        name, prop = rng.choice(self.facts.pairs)
+        x = self._entity(name)
+        templates = PROPERTY_QUESTIONS.get(prop) or GENERIC_QUESTIONS
+        if prop in PROPERTY_QUESTIONS and rng.random() < 0.25:
+            templates = GENERIC_QUESTIONS
+        q = rng.choice(templates).format(x=x, p=prop.lower())
+        return self._styled(q, (f"{x} {prop}",), "single")
+
+    def _styled(self, q: str, target: tuple[str, ...], kind: str) -> Example:
+        """Half written carefully (capital, question mark), half as typed into a search box."""
+        if self.rng.random() < 0.5:
+            q = q[:1].upper() + q[1:]
+            q = q if q.endswith("?") else q + "?"
+        return Example(q, target, kind)
+
+    def keyword(self) -> Example:
+        rng = self.rng
+        name, prop = rng.choice(self.facts.pairs)
+        x = self._entity(name)
+        q = rng.choice([f"{x} {prop}", f"{x} {prop.lower()}", f"{x.lower()} {prop.lower()}", x, f"{prop.lower()} {x}"])
+        return Example(q, echo_target(q), "keyword")
+
+    def _corpus_row(self) -> Example:
+        return augment(self.rng.choice(self.train), self.names, self.aug_rate)
+
+    def lowercase(self) -> Example:
+        ex = self._corpus_row()
+        q = ex.query.lower()
+        if self.rng.random() < 0.7:
+            q = _unpunctuate(q)
+        subs = ex.subqueries
+        for m in find_mentions(ex):  # the name as the query now writes it
+            subs = tuple(re.sub(r"(?<!\w)" + re.escape(m.name) + r"(?!\w)", m.name.lower(), s) for s in subs)
+        return Example(q, subs, "lowercase")
+
+    def misspelled(self) -> Example:
+        rng = self.rng
+        ex = rng.choice(self.train) if rng.random() < 0.3 else self._corpus_row()
+        name_words = {w.lower() for m in find_mentions(ex) for w in m.query_text.split()}
+        words = ex.query.split()
+        plain = [i for i, w in enumerate(words) if len(w) >= 4 and w.lower().strip("?,.!") not in name_words]
+        for i in rng.sample(plain, min(len(plain), rng.choice([1, 1, 2]))):
+            words[i] = typo(words[i], rng)
+        if ex in self.train and rng.random() < 0.5:
+            # A misspelled known name: the target keeps the spelling the training data uses.
+            names = [i for i, w in enumerate(words) if len(w) >= 5 and w.lower().strip("?,.!") in name_words]
+            if names:
+                i = rng.choice(names)
+                words[i] = typo(words[i], rng)
+        q = " ".join(words)
+        if rng.random() < 0.4:
+            q = q.lower()
+        return Example(q, ex.subqueries, "misspelled")
+
+    def long(self) -> Example:
+        ex = self._corpus_row()
+        rng = self.rng
+        parts = [rng.choice(CONTEXT_BEFORE), ex.query]
+        if rng.random() < 0.4:
+            parts.append(rng.choice(CONTEXT_AFTER))
+        return Example(" ".join(parts), ex.subqueries, "long")
+
+    def open(self) -> Example:
+        rng = self.rng
+        q = rng.choice(OPEN_TEMPLATES).format(task=rng.choice(TASKS), product=rng.choice(PRODUCTS),
+                                              who=rng.choice(WHO), thing=rng.choice(THINGS))
+        if rng.random() < 0.3:
+            q = q[:1].upper() + q[1:] + "?"
+        return Example(q, echo_target(q), "open")
+
+    def rows(self, n: int) -> list[Example]:
+        weights = {"single": 0.3, "keyword": 0.14, "lowercase": 0.16, "misspelled": 0.16, "long": 0.12, "open": 0.12}
+        kinds = self.rng.choices(list(weights), weights=list(weights.values()), k=n)
+        return [getattr(self, kind)() for kind in kinds]
+
+
+def epoch_rows(train: list[Example], facts: Facts, real_names: list[str], seed: int, epoch: int,
+               aug_rate: float, n: int) -> list[Example]:
+    names = NameFactory(seed * 7_919 + epoch, real_names)
+    return TrafficMaker(train, facts, names, aug_rate, seed * 1_000_003 + epoch).rows(n)
+
+
+def kind_counts(rows: list[Example]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for r in rows:
+        out[r.kind] += 1
+    return dict(out)
