@@ -1,10 +1,14 @@
 """Evaluate exported models and print the metric table.
 
-    python -m qr_train.evaluate --model models/qreformulate-t5 [--fp32 DIR] [--json OUT]
+    python -m qr_train.evaluate --model models/qreformulate-t5 [--fp32 DIR] [--unguarded] [--json OUT]
 
-Rows: each model (int8, and fp32 when given) and an echo-the-input baseline, on the corpus's
-group-held-out test split and on the project's datasets/test.jsonl (unseen entities), overall
-and per kind; plus the unseen-entity copy rate and, with --fp32, int8/fp32 greedy agreement.
+Rows: each model (int8, and fp32 when given) answering as the server does (grounded decoding
+and the guards of docs/grounding.md when the model ships grounding.json) and an echo-the-input
+baseline, on the corpus's group-held-out test split, the project's datasets/test.jsonl (unseen
+entities) and datasets/robustness.jsonl (traffic-shaped queries), overall and per kind, with
+the trust metrics (invented-word, degenerate and fallback rates); plus the unseen-entity copy
+rate and, with --fp32, int8/fp32 greedy agreement. --unguarded adds the same model decoding
+plain greedy with today's split, for comparison.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from . import grounding
 from . import subqueries as sq
 from .corpus import DEFAULT_CORPUS, REPO_ROOT, Example, load_labelled_jsonl, load_splits
 from .metrics import MetricTable
@@ -20,46 +25,62 @@ from .onnx_loop import OnnxT5
 from .unseen import copy_rate, unseen_entity_set
 
 DEFAULT_LABELLED = REPO_ROOT / "datasets" / "test.jsonl"
+DEFAULT_ROBUSTNESS = REPO_ROOT / "datasets" / "robustness.jsonl"
+UNGUARDED = " unguarded"
 
 
-def score(predictions: list[str], examples: list[Example]) -> list[dict]:
+def score(answers: list[tuple[list[str], str]], examples: list[Example], rules: grounding.Rules | None) -> list[dict]:
+    """answers: (subqueries, fallback reason) per example."""
     table = MetricTable()
-    for text, ex in zip(predictions, examples):
-        table.add(sq.split(text, ex.query), ex.subqueries, ex.kind)
+    for (subs, reason), ex in zip(answers, examples):
+        table.add(subs, ex.subqueries, ex.kind,
+                  invented=grounding.has_invented_word(subs, ex.query, rules) if rules else None,
+                  degenerate=grounding.is_degenerate(subs, ex.query, rules),
+                  fallback=reason != grounding.NONE)
     return [row.as_dict() for row in table.rows()]
 
 
-def predict(model: OnnxT5, queries: list[str], constrained: bool = False) -> tuple[list[str], float]:
+def echo_answers(examples: list[Example]) -> list[tuple[list[str], str]]:
+    return [([ex.query], grounding.NONE) for ex in examples]
+
+
+def predict(model: OnnxT5, queries: list[str], guarded: bool = True) -> tuple[list[tuple[list[str], str]], float]:
+    """(subqueries, reason) per query as the server answers; unguarded: plain greedy and split."""
     started = time.perf_counter()
-    out = [model.generate(q, constrained=constrained) for q in queries]
+    if guarded:
+        out = [model.answer(q)[:2] for q in queries]
+    else:
+        out = [(sq.split(model.generate(q, grounded=False), q), grounding.NONE) for q in queries]
     return out, (time.perf_counter() - started) * 1000 / max(len(queries), 1)
 
 
-def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, probe_size: int = 300) -> dict:
-    """model_dirs: label -> model directory; a label ending in '+ constraint' decodes with the
-    model's capitalised-word constraint (constraint.json)."""
+def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, probe_size: int = 300,
+             robustness: Path | None = DEFAULT_ROBUSTNESS) -> dict:
+    """model_dirs: label -> model directory; a label ending in ' unguarded' decodes plain greedy."""
     splits = load_splits(corpus)
     sets = {"corpus test split": splits["test"]}
     if labelled and labelled.exists():
         sets["datasets/test.jsonl"] = load_labelled_jsonl(labelled)
+    if robustness and robustness.exists():
+        sets["datasets/robustness.jsonl"] = load_labelled_jsonl(robustness)
     probe = unseen_entity_set(splits["test"], splits["train"], seed=7, limit=probe_size)
     report: dict = {"tables": {}, "unseen_entities": {}, "ms_per_query": {}, "predictions": {}}
+    first_rules = next((grounding.Rules.load(d) for d in model_dirs.values()), None)
     for set_name, examples in sets.items():
-        report["tables"][f"echo baseline / {set_name}"] = score([ex.query for ex in examples], examples)
+        report["tables"][f"echo baseline / {set_name}"] = score(echo_answers(examples), examples, first_rules)
     for label, model_dir in model_dirs.items():
         model = OnnxT5(model_dir)
-        constrained = label.endswith("+ constraint")
-        if constrained and model.property_words is None:
-            raise SystemExit(f"{model_dir} has no constraint.json")
+        guarded = not label.endswith(UNGUARDED)
+        rules = model.rules
         for set_name, examples in sets.items():
-            preds, ms = predict(model, [ex.query for ex in examples], constrained)
-            report["tables"][f"{label} / {set_name}"] = score(preds, examples)
+            answers, ms = predict(model, [ex.query for ex in examples], guarded)
+            report["tables"][f"{label} / {set_name}"] = score(answers, examples, rules)
             report["ms_per_query"][f"{label} / {set_name}"] = ms
-            report["predictions"][f"{label} / {set_name}"] = preds
-        probe_preds, _ = predict(model, [ex.query for ex, _ in probe], constrained)
+            report["predictions"][f"{label} / {set_name}"] = [" | ".join(s) for s, _ in answers]
+        probe_answers, _ = predict(model, [ex.query for ex, _ in probe], guarded)
         report["unseen_entities"][label] = {
             "names": sum(len(n) for _, n in probe), "rows": len(probe),
-            "copied_exactly": copy_rate(probe, probe_preds),
+            "copied_exactly": copy_rate(probe, [" | ".join(s) for s, _ in probe_answers]),
         }
     if "fp32" in model_dirs and "int8" in model_dirs:
         a, b = "fp32", "int8"
@@ -70,13 +91,15 @@ def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, p
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model / set | rows | exact match | ROUGE-L | count acc. | Levenshtein |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model / set | rows | exact match | ROUGE-L | count acc. | Levenshtein | invented | degenerate | fallback |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in report["tables"].items():
         for row in rows:
             label = name if row["name"] == "overall" else f"&nbsp;&nbsp;{row['name']}"
+            invented = "n/a" if row.get("invented_rate") is None else f"{row['invented_rate']:.3f}"
             lines.append(f"| {label} | {row['examples']} | {row['exact_match']:.3f} | {row['rouge_l']:.3f} "
-                         f"| {row['count_accuracy']:.3f} | {row['levenshtein']:.3f} |")
+                         f"| {row['count_accuracy']:.3f} | {row['levenshtein']:.3f} | {invented} "
+                         f"| {row.get('degenerate_rate', 0):.3f} | {row.get('fallback_rate', 0):.3f} |")
     lines.append("")
     for label, u in report["unseen_entities"].items():
         lines.append(f"- unseen-entity probe, {label}: {u['copied_exactly']:.1%} of {u['names']} invented names "
@@ -94,14 +117,15 @@ def main(argv=None) -> None:
     p.add_argument("--fp32", type=Path, help="the fp32 export of the same checkpoint, for parity")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--labelled", type=Path, default=DEFAULT_LABELLED, help="the project's labelled test set")
+    p.add_argument("--robustness", type=Path, default=DEFAULT_ROBUSTNESS, help="the project's traffic-shaped set")
     p.add_argument("--json", type=Path, help="also write the full report (with predictions) here")
-    p.add_argument("--constrained", action="store_true", help="also evaluate with the capitalised-word constraint")
+    p.add_argument("--unguarded", action="store_true", help="also evaluate plain greedy without grounding and guards")
     args = p.parse_args(argv)
     models = {"fp32": args.fp32} if args.fp32 else {}
     models["int8"] = args.model
-    if args.constrained:
-        models["int8 + constraint"] = args.model
-    report = evaluate(models, args.corpus, args.labelled)
+    if args.unguarded:
+        models["int8" + UNGUARDED] = args.model
+    report = evaluate(models, args.corpus, args.labelled, robustness=args.robustness)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(markdown(report))

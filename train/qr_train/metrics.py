@@ -86,6 +86,11 @@ class MetricRow:
     rouge_l: float = 0.0
     count_accuracy: float = 0.0
     levenshtein: float = 0.0
+    # Trust metrics (docs/grounding.md): shares of answers with an invented word (None without a
+    # grounding vocabulary), breaking a guard, and falling back to the query.
+    invented_rate: float | None = None
+    degenerate_rate: float = 0.0
+    fallback_rate: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -95,14 +100,21 @@ class MetricRow:
 class MetricTable:
     """Accumulates examples; `rows()` gives overall then per-kind means."""
 
-    _sums: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0]))
+    _sums: dict = field(default_factory=lambda: defaultdict(lambda: [0] + [0.0] * 7))
+    _invented_known: bool = True
 
-    def add(self, predicted: Sequence[str], expected: Sequence[str], kind: str = "") -> None:
+    def add(self, predicted: Sequence[str], expected: Sequence[str], kind: str = "", *,
+            invented: bool | None = None, degenerate: bool = False, fallback: bool = False) -> None:
+        if invented is None:
+            self._invented_known = False
         scores = (
             float(exact_match(predicted, expected)),
             rouge_l(predicted, expected),
             float(len(predicted) == len(expected)),
             levenshtein_score(predicted, expected),
+            float(bool(invented)),
+            float(degenerate),
+            float(fallback),
         )
         for key in ("overall", kind or "unknown"):
             acc = self._sums[key]
@@ -114,7 +126,8 @@ class MetricTable:
         order = ["overall"] + sorted(k for k in self._sums if k != "overall")
         out = []
         for key in order:
-            n, em, rl, ca, lv = self._sums[key]
+            n, em, rl, ca, lv, inv, deg, fb = self._sums[key]
             if n:
-                out.append(MetricRow(key, n, em / n, rl / n, ca / n, lv / n))
+                out.append(MetricRow(key, n, em / n, rl / n, ca / n, lv / n,
+                                     inv / n if self._invented_known else None, deg / n, fb / n))
         return out

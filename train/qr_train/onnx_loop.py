@@ -12,7 +12,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .constraint import FILE_NAME as CONSTRAINT_FILE, WordConstraint
+from . import grounding
+from .grounding import GroundingState, Rules, TokenGrounding
 
 
 class OnnxT5:
@@ -37,21 +38,18 @@ class OnnxT5:
         self.eos_id = config.get("eos_token_id", 1)
         self.first_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_outputs = [o.name for o in self.decoder_past.get_outputs()]
-        constraint_file = model_dir / CONSTRAINT_FILE
-        self.property_words, self.top_k = None, 8
-        if constraint_file.exists():
-            spec = json.loads(constraint_file.read_text())
-            self.property_words, self.top_k = spec["property_words"], spec.get("top_k", 8)
-            self.pieces = [self.tokenizer.id_to_token(i) or "" for i in range(self.tokenizer.get_vocab_size())]
-
-    def constraint_for(self, query: str):
-        """The model's capitalised-word constraint for this query, or None when it ships none."""
-        if self.property_words is None:
-            return None
-        return WordConstraint(self.pieces, self.property_words, query, self.eos_id, self.top_k)
+        # grounding.json: grounded decoding and the guards (docs/grounding.md); None decodes unconstrained.
+        self.rules: Rules | None = Rules.load(model_dir)
+        self.grounding: TokenGrounding | None = None
+        if self.rules is not None:
+            vocab = self.tokenizer.get_vocab_size()
+            pieces = [self.tokenizer.id_to_token(i) or "" for i in range(vocab)]
+            special = [i for i, p in enumerate(pieces) if p in ("<pad>", "</s>", "<unk>")]
+            self.grounding = TokenGrounding(pieces, self.rules, self.eos_id, special)
 
     def generate_ids(self, input_ids: list[int], max_new_tokens: int = 64, ignore_eos: bool = False,
-                     constraint: WordConstraint | None = None) -> list[int]:
+                     constraint: GroundingState | None = None, scores: bool = False) -> list[int]:
+        """Greedy ids; with `scores`, each chosen token's log-prob lands in `self.last_logprobs`."""
         ids = np.asarray([input_ids], dtype=np.int64)
         mask = np.ones_like(ids)
         hidden = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
@@ -65,8 +63,15 @@ class OnnxT5:
         cache = {k.replace("present.", "past_key_values."): v for k, v in named.items() if k != "logits"}
         logits = named["logits"]
         generated: list[int] = []
+        self.last_logprobs: list[float] = []
         for _ in range(max_new_tokens):
-            token = constraint.choose(logits[0, -1]) if constraint else int(logits[0, -1].argmax())
+            row = logits[0, -1]
+            token = constraint.choose(row) if constraint else int(row.argmax())
+            if constraint:
+                constraint.commit(token)
+            if scores:
+                top = float(row.max())
+                self.last_logprobs.append(float(row[token]) - top - float(np.log(np.exp(row - top).sum())))
             if token == self.eos_id and not ignore_eos:
                 break
             generated.append(token)
@@ -81,8 +86,16 @@ class OnnxT5:
                     cache[name.replace("present.", "past_key_values.")] = value
         return generated
 
-    def generate(self, query: str, max_new_tokens: int = 64, constrained: bool = False) -> str:
+    def generate(self, query: str, max_new_tokens: int = 64, grounded: bool = True) -> str:
+        """The model's text; grounded decoding when the model ships grounding.json and `grounded`."""
         ids = self.tokenizer.encode(query).ids
-        constraint = self.constraint_for(query) if constrained else None
-        out = self.generate_ids(ids, max_new_tokens, constraint=constraint)
+        state = self.grounding.for_query(query) if grounded and self.grounding else None
+        out = self.generate_ids(ids, max_new_tokens, constraint=state, scores=True)
         return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def answer(self, query: str, max_new_tokens: int = 64) -> tuple[list[str], str, float]:
+        """What the server answers: (subqueries, fallback reason, mean token log-prob)."""
+        text = self.generate(query, max_new_tokens)
+        mean_logprob = float(np.mean(self.last_logprobs)) if self.last_logprobs else 0.0
+        subs, reason = grounding.sanitize(text, query, self.rules, mean_logprob)
+        return subs, reason, mean_logprob

@@ -3,7 +3,7 @@
     python -m qr_train.ship [--out models/qreformulate-t5] [--run train/runs/qr-t5] [--skip-train]
 
 train (qr_train.train with the shipped hyper-parameters) -> export with Optimum -> int8
-(quantize_dynamic, MatMulConstBOnly) -> constraint.json (property words) -> pytorch/ (the fp16
+(quantize_dynamic, MatMulConstBOnly) -> grounding.json (docs/grounding.md) -> pytorch/ (the fp16
 checkpoint, for qserver's native decoder and the peer benchmarks) -> evaluation (fp32 vs int8 vs echo) -> MODEL_CARD.md facts
 in OUT/metrics.json and the training curve in docs/training-curve.png.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import T5ForConditionalGeneration
 
-from . import constraint, evaluate, export, plot, train
-from .corpus import DEFAULT_CORPUS, REPO_ROOT, load_splits
+from . import evaluate, export, grounding, plot, train
+from .corpus import DEFAULT_CORPUS, REPO_ROOT
 
 # The hyper-parameters of the shipped model (see MODEL_CARD.md for why this size). The shipped
 # checkpoint was trained on a GPU with `--minutes 7 --data-workers 4` instead of `--steps`
@@ -37,15 +37,6 @@ def write_pytorch_fp16(checkpoint: Path, out: Path) -> None:
     model = T5ForConditionalGeneration.from_pretrained(checkpoint).half()
     model.save_pretrained(out, safe_serialization=True)
     shutil.copy(checkpoint / "tokenizer.json", out / "tokenizer.json")
-
-
-def constraint_helps(report: dict) -> bool:
-    """Ship constraint.json only when it raises ROUGE-L on the corpus test split: a model that
-    copies names by itself gains nothing from it, and the constraint can garble the property
-    words it does not list ('Managed' -> 'Mana Waged')."""
-    def rouge(label: str) -> float:
-        return report["tables"][f"{label} / corpus test split"][0]["rouge_l"]
-    return rouge("int8 + constraint") > rouge("int8")
 
 
 def git_commit() -> str:
@@ -73,19 +64,15 @@ def main(argv=None) -> None:
         shutil.rmtree(args.out)
     export.export_fp32(checkpoint, fp32_dir)
     export.quantize_dir(fp32_dir, args.out, [x for x in args.exclude_nodes_like.split(",") if x])
-    # The constraint is evaluated from a copy of the int8 files, and shipped only if it helps.
-    constrained_dir = args.run / "int8-constraint"
-    shutil.rmtree(constrained_dir, ignore_errors=True)
-    shutil.copytree(args.out, constrained_dir)
-    constraint.save(constrained_dir, constraint.learn_property_words(load_splits(args.corpus)["train"]))
+    # Grounded decoding and the guards always ship: the fp32 export answers under the same rule.
+    _, guard_check = grounding.write(args.out, args.corpus)
+    shutil.copy(args.out / grounding.FILE_NAME, fp32_dir / grounding.FILE_NAME)
     write_pytorch_fp16(checkpoint, args.out / "pytorch")
 
-    report = evaluate.evaluate({"fp32": fp32_dir, "int8": args.out, "int8 + constraint": constrained_dir},
+    report = evaluate.evaluate({"fp32": fp32_dir, "int8": args.out, "int8" + evaluate.UNGUARDED: args.out},
                                args.corpus, evaluate.DEFAULT_LABELLED)
     report.pop("predictions")
-    report["constraint_shipped"] = constraint_helps(report)
-    if report["constraint_shipped"]:
-        shutil.copy(constrained_dir / constraint.FILE_NAME, args.out / constraint.FILE_NAME)
+    report["guards_on_validation_references"] = guard_check
     curve = json.loads((args.run / "curve.json").read_text())
     report["training"] = {k: curve.get(k) for k in ("parameters", "args", "device", "device_name")}
     report["training"]["epochs"] = curve["epochs"]
@@ -109,16 +96,18 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
     hardware = f"one {t.get('device_name') or 'CUDA GPU'} (bf16 autocast)" if on_gpu else "the CPU"
     schedule = (f"cosine schedule over {a['steps']} steps" if a.get("steps")
                 else f"cosine schedule over a {a['minutes']}-minute wall-time budget")
-    constraint_note = ("`constraint.json` (capitalised-word constraint: the model's property words; it raised "
-                       "ROUGE-L on the test split)" if report.get("constraint_shipped") else
-                       "no `constraint.json` (the capitalised-word constraint did not raise ROUGE-L on the corpus "
-                       "test split, see the 'int8 + constraint' rows, so the server decodes plain greedy)")
+    grounding_note = ("`grounding.json` (grounded decoding and output guards, `docs/grounding.md`: the generative "
+                      "vocabulary, the known names and the guard sizes, learned from the training data)")
     tok_note = ("\n  Given with `--tokenizer`: trained on the training split by `qr_train.tokenizer`. A retrained one\n"
                 "  has the same pieces; equal-score pieces may take other ids (trainer order), so retrain\n"
                 "  the model with its tokenizer, never mix the two." if a.get("tokenizer") else "")
     gpu_note = ("\n- This checkpoint: run `d256-aug60` of `train/scripts/device_sweep.sh` (three sizes trained side\n"
                 "  by side on one GPU, `--minutes 7`), fp16 copy brought back, then exported and evaluated on\n"
                 "  CPU by `python -m qr_train.ship --skip-train --run runs/gpu-d256`." if on_gpu else "")
+    init_note = (f"\n- This checkpoint: the previous shipped checkpoint (`{a['init']}`, trained from scratch on a lent GPU)\n"
+                 f"  fine-tuned on {hardware} with traffic-shaped rows mixed in (`qr_train.traffic`, rate {a.get('traffic_rate')}):\n"
+                 f"  `python -m qr_train.train --init ... --minutes {a.get('minutes')} --batch-size {a['batch_size']} --lr {a['lr']}`,\n"
+                 "  then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
     shape = (f"T5 (v1.1 style: gated-GELU, untied lm_head), d_model {a['d_model']}, {a['encoder_layers']} encoder + "
              f"{a['decoder_layers']} decoder layers, {a['num_heads']} heads x d_kv {a['d_kv']}, d_ff {a['d_ff']}, "
              f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}")
@@ -135,24 +124,31 @@ to rewrite a question into search-engine subqueries joined by ` | `. Generated b
   mod 10 == 0 -> test, == 1 -> validation, else train (`qr_train/corpus.py`).
 - Code commit: {report['commit']}{' (training run reused with --skip-train)' if reused_run else ''}.
 - Command: `cd train && ../.venv/bin/python -m qr_train.ship` (hyper-parameters in
-  `qr_train/ship.py: SHIPPED_TRAIN_ARGS`); seed {a['seed']}; device {t['device']}.{gpu_note}
+  `qr_train/ship.py: SHIPPED_TRAIN_ARGS`); seed {a['seed']}; device {t['device']}.{gpu_note}{init_note}
 
 ## Model
 - {shape}; {t['parameters'] / 1e6:.2f}M parameters.
 - Tokenizer: Unigram with byte fallback (`<pad>`=0, `</s>`=1, `<unk>`=2; never `<unk>`), `tokenizer.json`.{tok_note}
 - Files: `encoder_model.onnx`, `decoder_model.onnx`, `decoder_with_past_model.onnx` (int8,
   dynamic quantization of the weight MatMuls, {_size_mib(model_dir):.1f} MiB in all), `config.json`,
-  `generation_config.json`, `tokenizer.json`, {constraint_note}, `pytorch/` (the fp16 checkpoint:
+  `generation_config.json`, `tokenizer.json`, {grounding_note}, `pytorch/` (the fp16 checkpoint:
   qserver's native decoder quantizes its decoder weights to int8 at start-up, and the peer
   benchmarks build their engines from it).
 - Training: AdamW, peak lr {a['lr']}, batch {a['batch_size']}, warm-up {a['warmup_steps']} steps,
   {schedule}, on {hardware}; entity-swap augmentation rate {a['aug_rate']}, a fresh augmentation
-  each epoch. {last['step']} steps ({last['epoch']} epochs) in {last['elapsed_seconds'] / 60:.1f}
+  each epoch; traffic-shaped rows (`qr_train.traffic`) at {a.get('traffic_rate', 0)} x the training rows per epoch. {last['step']} steps ({last['epoch']} epochs) in {last['elapsed_seconds'] / 60:.1f}
   minutes; the checkpoint kept is the best by validation ROUGE-L (step {best['step']}:
   {best['val_rouge_l']:.3f}, exact match {best['val_exact_match']:.3f}, unseen-entity copy rate
   {best['unseen_entity_copy_rate']:.3f}). Curve: `docs/training-curve.png`.
 
-## Evaluation (`python -m qr_train.evaluate`, greedy, at most 64 new tokens)
+## Evaluation (`python -m qr_train.evaluate --unguarded`, greedy, at most 64 new tokens)
+
+`int8` answers as the server does: grounded decoding and the output guards of
+`docs/grounding.md`; `int8 unguarded` is plain greedy with the plain split, for comparison.
+invented = answers with a word neither in the query, a known name near a query word, nor the
+generative vocabulary; degenerate = answers breaking a guard; fallback = answers that are the
+query itself because nothing usable was left. The guards' sizes, checked on the validation
+split's references: {report.get('guards_on_validation_references')}.
 
 {evaluate.markdown(report)}
 
