@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::grounding::{fold, is_grounded, QueryContext, WordRules};
-use crate::subqueries::{collapse_whitespace, is_space, parts};
+use crate::subqueries::{collapse_whitespace, is_space, parts, split};
 
 /// Why an answer is the query itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,6 +115,13 @@ pub fn sanitize_in(text: &str, query: &str, ctx: &QueryContext<'_>, mean_logprob
         }
     }
     Answer { subqueries: kept.into_iter().map(|(s, _)| s).collect(), fallback: None }
+}
+
+/// The plain split of an unguarded request (`GenerationOptions.unguarded`): no grounding, no
+/// guards; the query itself (`EMPTY`) only when the text has no part.
+pub fn unguarded(text: &str, query: &str) -> Answer {
+    let empty = parts(text).next().is_none();
+    Answer { subqueries: split(text, query), fallback: empty.then_some(FallbackReason::Empty) }
 }
 
 /// How many leading words of a part step 3 keeps: it stops before the first word that would
@@ -264,6 +271,15 @@ mod tests {
         let mut rules = golden_rules();
         rules.guards.max_word_repeats = 0; // every first word repeats "too often"
         assert_eq!(sanitize("Tesla Lifespan", "tesla", Some(&rules), None).fallback, Some(FallbackReason::Degenerate));
+    }
+
+    #[test]
+    fn unguarded_answers_are_the_plain_split() {
+        let text = "Tesla Tesla Tesla Tesla | tesla tesla TESLA tesla | Edison";
+        let answer = unguarded(text, "q");
+        assert_eq!(answer, Answer { subqueries: split(text, "q"), fallback: None });
+        assert_eq!(answer.subqueries, vec!["Tesla Tesla Tesla Tesla", "Edison"]);
+        assert_eq!(unguarded(" | ", " who  is it? ").fallback, Some(FallbackReason::Empty));
     }
 
     #[test]

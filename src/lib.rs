@@ -53,6 +53,37 @@ impl From<metrics::MetricRow> for pb::MetricRow {
             rouge_l: row.rouge_l,
             count_accuracy: row.count_accuracy,
             levenshtein: row.levenshtein,
+            invented_rate: row.invented_rate,
+            degenerate_rate: row.degenerate_rate,
+            fallback_rate: row.fallback_rate,
+        }
+    }
+}
+
+impl From<Option<guards::FallbackReason>> for pb::FallbackReason {
+    fn from(reason: Option<guards::FallbackReason>) -> Self {
+        use guards::FallbackReason as R;
+        match reason {
+            None => pb::FallbackReason::None,
+            Some(R::Empty) => pb::FallbackReason::Empty,
+            Some(R::Ungrounded) => pb::FallbackReason::Ungrounded,
+            Some(R::OffTopic) => pb::FallbackReason::OffTopic,
+            Some(R::Degenerate) => pb::FallbackReason::Degenerate,
+            Some(R::LowConfidence) => pb::FallbackReason::LowConfidence,
+        }
+    }
+}
+
+impl From<pb::FallbackReason> for Option<guards::FallbackReason> {
+    fn from(reason: pb::FallbackReason) -> Self {
+        use guards::FallbackReason as R;
+        match reason {
+            pb::FallbackReason::None => None,
+            pb::FallbackReason::Empty => Some(R::Empty),
+            pb::FallbackReason::Ungrounded => Some(R::Ungrounded),
+            pb::FallbackReason::OffTopic => Some(R::OffTopic),
+            pb::FallbackReason::Degenerate => Some(R::Degenerate),
+            pb::FallbackReason::LowConfidence => Some(R::LowConfidence),
         }
     }
 }
@@ -77,6 +108,9 @@ mod tests {
             rouge_l: 0.25,
             count_accuracy: 1.0,
             levenshtein: 0.75,
+            invented_rate: Some(0.125),
+            degenerate_rate: 0.0625,
+            fallback_rate: 0.5,
         };
         let pb: pb::MetricRow = row.into();
         assert_eq!(pb.name, "comparison");
@@ -85,5 +119,19 @@ mod tests {
         assert_eq!(pb.rouge_l, 0.25);
         assert_eq!(pb.count_accuracy, 1.0);
         assert_eq!(pb.levenshtein, 0.75);
+        assert_eq!((pb.invented_rate, pb.degenerate_rate, pb.fallback_rate), (Some(0.125), 0.0625, 0.5));
+    }
+
+    #[test]
+    fn fallback_reasons_round_trip_through_the_wire_enum() {
+        let mut seen = std::collections::HashSet::new();
+        for reason in std::iter::once(None).chain(guards::FallbackReason::ALL.map(Some)) {
+            let wire = pb::FallbackReason::from(reason);
+            assert!(seen.insert(wire), "{wire:?} twice");
+            assert_eq!(Option::<guards::FallbackReason>::from(wire), reason);
+            // The wire name ends with the same words as the reason's name.
+            let name = reason.map_or("none", guards::FallbackReason::name);
+            assert!(wire.as_str_name().ends_with(&name.to_ascii_uppercase()), "{wire:?} vs {name}");
+        }
     }
 }

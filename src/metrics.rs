@@ -11,6 +11,11 @@
 //! - `levenshtein`: 0 when the counts differ, else the mean over positions of
 //!   `1 - lev(p, e) / max(len(p), len(e))` on normalised strings, in characters (both empty: 1).
 //!
+//!
+//! Per served answer (docs/grounding.md, "Metrics"): `invented` (a word that is not grounded;
+//! only with a grounding file), `degenerate` (breaks a guard), `fallback` (the query itself).
+//! A fallback counts as neither invented nor degenerate: what it serves is the query.
+//!
 //! A table row is the mean over its examples; per-kind rows group by the kind label (an empty
 //! kind counts as `"unknown"`).
 
@@ -18,6 +23,8 @@ use std::collections::BTreeMap;
 
 use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 
+use crate::grounding::{QueryContext, WordRules};
+use crate::guards::{has_invented_word_in, is_degenerate_in, Answer};
 use crate::subqueries::collapse_whitespace;
 
 /// Name of the row over all examples.
@@ -136,6 +143,32 @@ pub fn score<S: AsRef<str>>(predicted: &[S], expected: &[S]) -> ExampleScores {
     }
 }
 
+/// What the guards say of one served answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardOutcome {
+    /// `None` without a grounding file.
+    pub invented: Option<bool>,
+    pub degenerate: bool,
+    pub fallback: bool,
+}
+
+impl GuardOutcome {
+    /// The outcome of `answer` to the query of `ctx`.
+    pub fn of(answer: &Answer, ctx: &QueryContext<'_>) -> Self {
+        let served = answer.fallback.is_none();
+        GuardOutcome {
+            invented: ctx.rules.grounded().then(|| served && has_invented_word_in(&answer.subqueries, ctx)),
+            degenerate: served && is_degenerate_in(&answer.subqueries, ctx),
+            fallback: !served,
+        }
+    }
+
+    /// The echo baseline's: the query itself, which is what a fallback serves.
+    pub fn echo(rules: &WordRules) -> Self {
+        GuardOutcome { invented: rules.grounded().then_some(false), degenerate: false, fallback: true }
+    }
+}
+
 /// One row of the metric table: means over `examples`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricRow {
@@ -145,6 +178,10 @@ pub struct MetricRow {
     pub rouge_l: f64,
     pub count_accuracy: f64,
     pub levenshtein: f64,
+    /// Over the examples measured with a grounding file; `None` when there were none.
+    pub invented_rate: Option<f64>,
+    pub degenerate_rate: f64,
+    pub fallback_rate: f64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -154,15 +191,26 @@ struct Sums {
     rouge_l: f64,
     count_accuracy: f64,
     levenshtein: f64,
+    /// Examples with an `invented` verdict, and how many of them were invented.
+    invented_n: u64,
+    invented: u64,
+    degenerate: u64,
+    fallback: u64,
 }
 
 impl Sums {
-    fn add(&mut self, s: &ExampleScores) {
+    fn add(&mut self, s: &ExampleScores, g: GuardOutcome) {
         self.n += 1;
         self.exact_match += f64::from(u8::from(s.exact_match));
         self.rouge_l += s.rouge_l;
         self.count_accuracy += f64::from(u8::from(s.count_accuracy));
         self.levenshtein += s.levenshtein;
+        if let Some(invented) = g.invented {
+            self.invented_n += 1;
+            self.invented += u64::from(invented);
+        }
+        self.degenerate += u64::from(g.degenerate);
+        self.fallback += u64::from(g.fallback);
     }
 
     fn row(&self, name: &str) -> MetricRow {
@@ -174,6 +222,9 @@ impl Sums {
             rouge_l: self.rouge_l / n,
             count_accuracy: self.count_accuracy / n,
             levenshtein: self.levenshtein / n,
+            invented_rate: (self.invented_n > 0).then(|| self.invented as f64 / self.invented_n as f64),
+            degenerate_rate: self.degenerate as f64 / n,
+            fallback_rate: self.fallback as f64 / n,
         }
     }
 }
@@ -190,12 +241,19 @@ impl MetricTable {
         Self::default()
     }
 
-    /// Scores one example, adds it to the overall row and to its kind's row, returns its scores.
-    pub fn add<S: AsRef<str>>(&mut self, predicted: &[S], expected: &[S], kind: &str) -> ExampleScores {
+    /// Scores one example, adds it and its guard outcome to the overall row and to its kind's
+    /// row, returns its scores.
+    pub fn add<S: AsRef<str>>(
+        &mut self,
+        predicted: &[S],
+        expected: &[S],
+        kind: &str,
+        guards: GuardOutcome,
+    ) -> ExampleScores {
         let scores = score(predicted, expected);
         let kind = if kind.trim().is_empty() { UNKNOWN_KIND } else { kind };
-        self.overall.add(&scores);
-        self.kinds.entry(kind.to_owned()).or_default().add(&scores);
+        self.overall.add(&scores, guards);
+        self.kinds.entry(kind.to_owned()).or_default().add(&scores, guards);
         scores
     }
 
@@ -274,9 +332,10 @@ mod tests {
     #[test]
     fn table_rows_are_means_and_group_by_kind() {
         let mut t = MetricTable::new();
-        t.add(&["a", "b"], &["a", "b"], "comparison");
-        t.add(&["a"], &["a", "c"], "comparison");
-        t.add(&["x"], &["y"], "");
+        let none = GuardOutcome::default();
+        t.add(&["a", "b"], &["a", "b"], "comparison", none);
+        t.add(&["a"], &["a", "c"], "comparison", none);
+        t.add(&["x"], &["y"], "", none);
         assert_eq!(t.examples(), 3);
         let overall = t.overall();
         assert_eq!(overall.name, OVERALL);
@@ -294,6 +353,49 @@ mod tests {
         assert!(close(kinds[0].rouge_l, (1.0 + 2.0 / 3.0) / 2.0));
         assert_eq!(kinds[1].examples, 1);
         assert_eq!(kinds[1].rouge_l, 0.0);
+        assert_eq!((overall.invented_rate, overall.degenerate_rate, overall.fallback_rate), (None, 0.0, 0.0));
+    }
+
+    #[test]
+    fn guard_rates_are_shares_of_the_examples() {
+        let mut t = MetricTable::new();
+        let invented = GuardOutcome { invented: Some(true), ..GuardOutcome::default() };
+        let clean = GuardOutcome { invented: Some(false), ..GuardOutcome::default() };
+        let degenerate = GuardOutcome { invented: Some(false), degenerate: true, fallback: false };
+        let fallback = GuardOutcome { invented: Some(false), degenerate: false, fallback: true };
+        for g in [invented, clean, degenerate, fallback] {
+            t.add(&["a"], &["a"], "k", g);
+        }
+        let row = t.overall();
+        assert_eq!((row.invented_rate, row.degenerate_rate, row.fallback_rate), (Some(0.25), 0.25, 0.25));
+    }
+
+    #[test]
+    fn guard_outcome_of_answers_and_the_echo() {
+        use crate::grounding::golden::golden_rules;
+        use crate::guards::{sanitize, FallbackReason};
+        let rules = golden_rules();
+        let q = "How long did Nikola Tesla live?";
+        let ctx = rules.context(q);
+        let served = Answer { subqueries: vec!["Nikola Edison".into(), "Nikola Edison".into()], fallback: None };
+        assert_eq!(
+            GuardOutcome::of(&served, &ctx),
+            GuardOutcome { invented: Some(true), degenerate: true, fallback: false }
+        );
+        // A fallback serves the query: counted as a fallback only.
+        let fallback = sanitize("Edison Edison", q, Some(&rules), None);
+        assert_eq!(fallback.fallback, Some(FallbackReason::Ungrounded));
+        assert_eq!(
+            GuardOutcome::of(&fallback, &ctx),
+            GuardOutcome { invented: Some(false), degenerate: false, fallback: true }
+        );
+        let plain = WordRules::defaults().context(q);
+        assert_eq!(GuardOutcome::of(&served, &plain).invented, None, "no grounding file, no verdict");
+        assert_eq!(
+            GuardOutcome::echo(&rules),
+            GuardOutcome { invented: Some(false), degenerate: false, fallback: true }
+        );
+        assert_eq!(GuardOutcome::echo(WordRules::defaults()).invented, None);
     }
 
     #[test]

@@ -100,6 +100,7 @@ impl GenerationArgs {
             seed: self.seed.unwrap_or(0),
             ignore_eos: false,
             truncate: self.truncate,
+            unguarded: false,
         }
     }
 }

@@ -597,6 +597,7 @@ mod tests {
             }),
             model_id: "qreformulate-t5".into(),
             truncated: false,
+            ..Default::default()
         }
     }
 
@@ -615,7 +616,12 @@ mod tests {
     fn answer_shows_candidates_and_cache() {
         let mut response = sample_response();
         response.candidates =
-            vec![pb::Candidate { subqueries: vec!["a".into(), "b".into()], text: "a | b".into(), score: -0.5 }];
+            vec![pb::Candidate {
+            subqueries: vec!["a".into(), "b".into()],
+            text: "a | b".into(),
+            score: -0.5,
+            ..Default::default()
+        }];
         response.timings.as_mut().unwrap().cached = true;
         let text = render_answer(&response, Duration::from_millis(1), false);
         assert!(text.contains("    1. [-0.500] a | b"), "{text}");

@@ -77,7 +77,12 @@ fn main() {
     }
     let req = GenerateRequest {
         query,
-        params: GenerationParams { max_new_tokens: tokens, search: SearchKind::Greedy, ignore_eos: true },
+        params: GenerationParams {
+            max_new_tokens: tokens,
+            search: SearchKind::Greedy,
+            ignore_eos: true,
+            unguarded: false,
+        },
         max_input_tokens: 512,
         truncate: false,
     };

@@ -32,7 +32,7 @@ fn main() {
                 };
                 let req = GenerateRequest {
                     query: format!("Who lived longer, Nikola Tesla or Milutin Milankovic? {t}"),
-                    params: GenerationParams { max_new_tokens: tokens, search, ignore_eos: true },
+                    params: GenerationParams { max_new_tokens: tokens, search, ignore_eos: true, unguarded: false },
                     max_input_tokens: 256,
                     truncate: false,
                 };

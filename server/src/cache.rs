@@ -27,6 +27,7 @@ pub struct CacheKey {
     max_new_tokens: usize,
     search: SearchKey,
     ignore_eos: bool,
+    unguarded: bool,
     truncate: bool,
 }
 
@@ -44,6 +45,7 @@ impl CacheKey {
             max_new_tokens: req.params.max_new_tokens,
             search,
             ignore_eos: req.params.ignore_eos,
+            unguarded: req.params.unguarded,
             truncate: req.truncate,
         }
     }
@@ -112,7 +114,7 @@ mod tests {
     fn req(query: &str, search: SearchKind, max_new_tokens: usize) -> ValidRequest {
         ValidRequest {
             query: query.into(),
-            params: GenerationParams { max_new_tokens, search, ignore_eos: false },
+            params: GenerationParams { max_new_tokens, search, ignore_eos: false, unguarded: false },
             truncate: false,
         }
     }
@@ -136,6 +138,9 @@ mod tests {
         let mut truncate = base.clone();
         truncate.truncate = true;
         variants.push(truncate);
+        let mut unguarded = base.clone();
+        unguarded.params.unguarded = true;
+        variants.push(unguarded);
         for v in &variants {
             assert_ne!(CacheKey::new(v), k, "{v:?}");
         }

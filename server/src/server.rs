@@ -12,6 +12,8 @@ use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::config::Config;
+use qreformulate::grounding::GROUNDING_FILE;
+
 use crate::engine::{
     onnx_t5::{self, OnnxT5, SessionSettings},
     pool::{EngineFactory, EnginePool},
@@ -29,7 +31,7 @@ const STATS_INTERVAL: Duration = Duration::from_secs(60);
 fn warmup_request(config: &Config) -> GenerateRequest {
     GenerateRequest {
         query: "Who lived longer, Nikola Tesla or Milutin Milankovic?".into(),
-        params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: true },
+        params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: true, unguarded: false },
         max_input_tokens: config.max_input_tokens.get(),
         truncate: true,
     }
@@ -58,12 +60,24 @@ pub async fn serve(
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
-        word_constraint = model.constraint.is_some(),
         "loading model"
     );
+    match model.grounding.as_ref().and_then(|rules| rules.vocabulary.as_ref()) {
+        Some(v) => tracing::info!(
+            generative_words = v.generative_count(),
+            known_words = v.known_count(),
+            "grounding on: every search writes only the query's words, close spellings of known words \
+             and the model's generative words; the guards use {GROUNDING_FILE}"
+        ),
+        None => tracing::info!(
+            file = %model.file(GROUNDING_FILE).display(),
+            "grounding off: the model directory has no {GROUNDING_FILE}; decoding is unconstrained and the \
+             guards use their defaults"
+        ),
+    }
 
     let (health, health_service) = Health::new().await;
-    let shared = Arc::new(Shared::new(&config));
+    let shared = Arc::new(Shared::new(&config, model.grounding.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

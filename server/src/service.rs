@@ -9,7 +9,12 @@ use std::{
     time::Instant,
 };
 
-use qreformulate::{metrics::MetricTable, pb, subqueries};
+use qreformulate::{
+    grounding::{QueryContext, WordRules},
+    guards::{self, Answer, FallbackReason},
+    metrics::{GuardOutcome, MetricTable},
+    pb,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -18,7 +23,7 @@ use crate::config::Config;
 use crate::deadline;
 use crate::engine::{
     pool::{BenchmarkPlan, EnginePool},
-    CancelToken, GenerateRequest, Generation,
+    CancelToken, Candidate, GenerateRequest, Generation,
 };
 use crate::error::ServiceError;
 use crate::prometheus::Metrics;
@@ -45,6 +50,8 @@ pub struct Shared {
     limits: Limits,
     max_concurrent: usize,
     pool: OnceLock<EnginePool>,
+    /// The model's `grounding.json`, when it ships one.
+    rules: Option<Arc<WordRules>>,
     cache: ResponseCache,
     admission: Arc<Semaphore>,
     shutting_down: AtomicBool,
@@ -53,12 +60,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: &Config) -> Self {
+    /// `rules`: the model directory's grounding file (`None`: the guards' defaults).
+    pub fn new(config: &Config, rules: Option<Arc<WordRules>>) -> Self {
         let max_concurrent = config.max_concurrent_requests.get();
         Self {
             limits: Limits::from(config),
             max_concurrent,
             pool: OnceLock::new(),
+            rules,
             cache: ResponseCache::new(config.cache_capacity),
             admission: Arc::new(Semaphore::new(max_concurrent)),
             shutting_down: AtomicBool::new(false),
@@ -69,6 +78,10 @@ impl Shared {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    fn rules(&self) -> Option<&WordRules> {
+        self.rules.as_deref()
     }
 
     /// Makes the service ready (once the model is loaded and warmed up).
@@ -159,7 +172,7 @@ impl Shared {
         }
         let _permit = self.admit()?;
         let generation = self.generate(pool, valid.to_engine(&self.limits), deadline).await?;
-        let response = build_response(&valid, &generation, pool.model_id());
+        let response = build_response(&valid, &generation, pool.model_id(), self.rules());
         if let Some(key) = key {
             self.cache.insert(key, response.clone());
         }
@@ -173,7 +186,9 @@ impl Shared {
     ) -> Result<pb::EvaluateResponse, Status> {
         let pool = self.ready_pool()?;
         let _permit = self.admit()?;
+        let rules = self.rules().unwrap_or(WordRules::defaults());
         let mut table = MetricTable::new();
+        let mut echo = MetricTable::new();
         let mut latency = LatencyRecorder::new();
         let mut examples = Vec::new();
         let mut first_options: Option<pb::GenerationOptions> = None;
@@ -199,16 +214,23 @@ impl Shared {
             let generation = self.generate(pool, valid.to_engine(&self.limits), deadline).await.map_err(in_example)?;
             let took = started.elapsed();
             latency.record(took);
-            let predicted = subqueries::split(&generation.candidates[0].text, &valid.query);
-            let scores = table.add(&predicted, &example.expected_subqueries, &example.kind);
+            let ctx = rules.context(&valid.query);
+            let answer = answer(&generation.candidates[0], &valid, &ctx);
+            let outcome = GuardOutcome::of(&answer, &ctx);
+            let expected = &example.expected_subqueries;
+            let scores = table.add(&answer.subqueries, expected, &example.kind, outcome);
+            echo.add(std::slice::from_ref(&valid.query), expected, &example.kind, GuardOutcome::echo(rules));
             examples.push(pb::EvaluatedExample {
                 query: example.query,
                 expected_subqueries: example.expected_subqueries,
-                predicted_subqueries: predicted,
+                predicted_subqueries: answer.subqueries,
                 kind: example.kind,
                 rouge_l: scores.rouge_l,
                 exact_match: scores.exact_match,
                 latency_ms: ms(took),
+                fallback_reason: pb::FallbackReason::from(answer.fallback).into(),
+                invented: outcome.invented.unwrap_or(false),
+                degenerate: outcome.degenerate,
             });
         }
         if index == 0 {
@@ -220,6 +242,8 @@ impl Shared {
             latency: Some(latency.summary()),
             examples,
             model_id: pool.model_id().to_owned(),
+            echo_overall: Some(echo.overall().into()),
+            echo_per_kind: echo.per_kind().into_iter().map(Into::into).collect(),
         })
     }
 
@@ -294,26 +318,49 @@ impl Shared {
     }
 }
 
-/// The wire response for one generation: best candidate's subqueries, and all candidates
-/// when more than one was asked for.
-pub fn build_response(valid: &ValidRequest, generation: &Generation, model_id: &str) -> pb::ReformulateResponse {
-    let best = &generation.candidates[0];
-    let candidates = if valid.params.search.num_return_sequences() > 1 {
-        generation
-            .candidates
+/// What is served for one candidate: the guards' answer, or the plain split when the request
+/// is unguarded.
+fn answer(candidate: &Candidate, valid: &ValidRequest, ctx: &QueryContext<'_>) -> Answer {
+    if valid.params.unguarded {
+        guards::unguarded(&candidate.text, &valid.query)
+    } else {
+        guards::sanitize_in(&candidate.text, &valid.query, ctx, Some(candidate.mean_logprob))
+    }
+}
+
+/// The wire response for one generation: best candidate's answer, and all candidates when
+/// more than one was asked for. `rules`: the model's grounding file.
+pub fn build_response(
+    valid: &ValidRequest,
+    generation: &Generation,
+    model_id: &str,
+    rules: Option<&WordRules>,
+) -> pb::ReformulateResponse {
+    let ctx = rules.unwrap_or(WordRules::defaults()).context(&valid.query);
+    let listed = if valid.params.search.num_return_sequences() > 1 { generation.candidates.len() } else { 1 };
+    let mut answers: Vec<(Answer, &Candidate)> =
+        generation.candidates.iter().take(listed).map(|c| (answer(c, valid, &ctx), c)).collect();
+    let candidates = if listed > 1 {
+        answers
             .iter()
-            .map(|c| pb::Candidate {
-                subqueries: subqueries::split(&c.text, &valid.query),
+            .map(|(a, c)| pb::Candidate {
+                subqueries: a.subqueries.clone(),
                 text: c.text.clone(),
                 score: c.score,
+                fallback_reason: pb::FallbackReason::from(a.fallback).into(),
+                mean_logprob: c.mean_logprob,
             })
             .collect()
     } else {
         Vec::new()
     };
+    let (best, best_candidate) = answers.swap_remove(0);
     let t = &generation.timings;
     pb::ReformulateResponse {
-        subqueries: subqueries::split(&best.text, &valid.query),
+        subqueries: best.subqueries,
+        fallback_reason: pb::FallbackReason::from(best.fallback).into(),
+        mean_logprob: best_candidate.mean_logprob,
+        grounded: rules.is_some_and(WordRules::grounded) && !valid.params.unguarded,
         candidates,
         timings: Some(pb::Timings {
             tokenize_ms: ms(t.tokenize),
@@ -371,11 +418,15 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
             if let Some(t) = r.timings.as_ref().filter(|t| !t.cached) {
                 self.shared.metrics.generated(t.generated_tokens);
             }
+            if let Some(reason) = Option::<FallbackReason>::from(r.fallback_reason()) {
+                self.shared.metrics.fallback(reason);
+            }
             // cache_stats() settles the cache's pending work: only for a log line someone reads.
             if tracing::enabled!(tracing::Level::DEBUG) {
                 let cache = self.shared.cache_stats();
                 tracing::debug!(
                     subqueries = r.subqueries.len(),
+                    fallback = r.fallback_reason().as_str_name(),
                     cached = r.timings.as_ref().is_some_and(|t| t.cached),
                     cache_hits = cache.hits,
                     cache_misses = cache.misses,
@@ -417,11 +468,16 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Candidate, GenerationParams, SearchKind, Timings};
+    use crate::engine::{GenerationParams, SearchKind, Timings};
+
+    const QUERY: &str = "Who lived longer, Ada Lovelace or Bob Dylan?";
 
     fn generation(texts: &[&str]) -> Generation {
         Generation {
-            candidates: texts.iter().map(|t| Candidate { text: (*t).into(), score: -1.0, tokens: 3 }).collect(),
+            candidates: texts
+                .iter()
+                .map(|t| Candidate { text: (*t).into(), score: -1.0, mean_logprob: -0.25, tokens: 3 })
+                .collect(),
             timings: Timings { generated_tokens: 3, input_tokens: 9, ..Timings::default() },
             truncated: false,
         }
@@ -429,29 +485,63 @@ mod tests {
 
     fn valid(search: SearchKind) -> ValidRequest {
         ValidRequest {
-            query: "Who lived longer, A or B?".into(),
-            params: GenerationParams { max_new_tokens: 8, search, ignore_eos: false },
+            query: QUERY.into(),
+            params: GenerationParams { max_new_tokens: 8, search, ignore_eos: false, unguarded: false },
             truncate: false,
         }
     }
 
+    fn rules(generative: &[&str]) -> WordRules {
+        let json = serde_json::json!({"version": 1, "generative_words": generative, "known_words": []});
+        WordRules::parse(&json.to_string()).unwrap()
+    }
+
     #[test]
-    fn response_splits_best_candidate_and_omits_single_candidates() {
-        let r = build_response(&valid(SearchKind::Greedy), &generation(&["A lifespan | B lifespan"]), "m");
-        assert_eq!(r.subqueries, vec!["A lifespan", "B lifespan"]);
+    fn response_answers_the_best_candidate_and_omits_single_candidates() {
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&["Ada lifespan | Bob  lifespan"]), "m", None);
+        assert_eq!(r.subqueries, vec!["Ada lifespan", "Bob lifespan"]);
         assert!(r.candidates.is_empty());
         assert_eq!(r.model_id, "m");
+        assert_eq!((r.fallback_reason(), r.mean_logprob, r.grounded), (pb::FallbackReason::None, -0.25, false));
         let t = r.timings.unwrap();
         assert_eq!((t.generated_tokens, t.input_tokens, t.cached), (3, 9, false));
     }
 
     #[test]
-    fn response_lists_candidates_when_several_requested() {
-        let search = SearchKind::Beam { num_beams: 2, num_return_sequences: 2 };
-        let r = build_response(&valid(search), &generation(&["x | y", " | "]), "m");
-        assert_eq!(r.candidates.len(), 2);
-        assert_eq!(r.candidates[0].subqueries, vec!["x", "y"]);
-        // An empty candidate falls back to the query.
-        assert_eq!(r.candidates[1].subqueries, vec!["Who lived longer, A or B?"]);
+    fn response_lists_candidates_with_their_fallbacks() {
+        let search = SearchKind::Beam { num_beams: 3, num_return_sequences: 3 };
+        let r = build_response(&valid(search), &generation(&["Ada | Bob", " | ", "Mars | Venus"]), "m", None);
+        assert_eq!(r.candidates.len(), 3);
+        assert_eq!(r.candidates[0].subqueries, vec!["Ada", "Bob"]);
+        assert_eq!(r.subqueries, r.candidates[0].subqueries);
+        // An empty candidate and an off-topic one fall back to the query.
+        let fallbacks: Vec<_> = r.candidates.iter().map(|c| (c.subqueries[0].as_str(), c.fallback_reason())).collect();
+        assert_eq!(fallbacks[1], (QUERY, pb::FallbackReason::Empty));
+        assert_eq!(fallbacks[2], (QUERY, pb::FallbackReason::OffTopic));
+        assert!(r.candidates.iter().all(|c| c.mean_logprob == -0.25));
+    }
+
+    #[test]
+    fn grounding_file_drops_invented_words_unless_unguarded() {
+        let rules = rules(&["lifespan"]);
+        let text = "Ada Lovelace Lifespan | Bob Dylon Lifespan";
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&[text]), "m", Some(&rules));
+        assert_eq!(r.subqueries, vec!["Ada Lovelace Lifespan"]);
+        assert!(r.grounded);
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&["Bob Dylon Lifespan"]), "m", Some(&rules));
+        assert_eq!((r.fallback_reason(), r.subqueries), (pb::FallbackReason::Ungrounded, vec![QUERY.to_owned()]));
+        let mut unguarded = valid(SearchKind::Greedy);
+        unguarded.params.unguarded = true;
+        let r = build_response(&unguarded, &generation(&[text]), "m", Some(&rules));
+        assert_eq!(r.subqueries, qreformulate::subqueries::split(text, QUERY));
+        assert!(!r.grounded);
+    }
+
+    #[test]
+    fn low_confidence_falls_back() {
+        let mut rules = rules(&["lifespan"]);
+        rules.min_mean_logprob = Some(-0.1);
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&["Ada Lifespan"]), "m", Some(&rules));
+        assert_eq!((r.fallback_reason(), r.subqueries), (pb::FallbackReason::LowConfidence, vec![QUERY.to_owned()]));
     }
 }

@@ -133,7 +133,10 @@ pub fn options(opts: &pb::GenerationOptions, limits: &Limits) -> Result<(Generat
         }
         SearchKind::Greedy
     };
-    Ok((GenerationParams { max_new_tokens, search, ignore_eos: opts.ignore_eos }, opts.truncate))
+    Ok((
+        GenerationParams { max_new_tokens, search, ignore_eos: opts.ignore_eos, unguarded: opts.unguarded },
+        opts.truncate,
+    ))
 }
 
 /// Checks a whole request (missing options = all defaults).
@@ -179,8 +182,13 @@ mod tests {
     #[test]
     fn zero_options_are_server_defaults() {
         let (p, truncate) = options(&pb::GenerationOptions::default(), &LIMITS).unwrap();
-        assert_eq!(p, GenerationParams { max_new_tokens: 64, search: SearchKind::Greedy, ignore_eos: false });
+        assert_eq!(
+            p,
+            GenerationParams { max_new_tokens: 64, search: SearchKind::Greedy, ignore_eos: false, unguarded: false }
+        );
         assert!(!truncate);
+        let o = pb::GenerationOptions { unguarded: true, ..Default::default() };
+        assert!(options(&o, &LIMITS).unwrap().0.unguarded);
     }
 
     #[test]

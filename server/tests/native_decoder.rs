@@ -20,7 +20,7 @@ fn engine(dir: &Path, decoder: DecoderKind) -> Result<OnnxT5, ModelError> {
 fn request(query: &str, search: SearchKind, max_new_tokens: usize, ignore_eos: bool) -> GenerateRequest {
     GenerateRequest {
         query: query.into(),
-        params: GenerationParams { max_new_tokens, search, ignore_eos },
+        params: GenerationParams { max_new_tokens, search, ignore_eos, unguarded: false },
         max_input_tokens: 256,
         truncate: false,
     }

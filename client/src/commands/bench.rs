@@ -312,6 +312,7 @@ mod tests {
                 }),
                 model_id: "m1".into(),
                 truncated: false,
+                ..Default::default()
             }),
         }
     }

@@ -8,7 +8,10 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{constraint::WordConstraint, logits, SearchKind};
+use super::{
+    grounding::{Grounding, WordState, GREEDY_TOP_K},
+    logits, SearchKind,
+};
 
 /// Seed used when the request leaves `seed` at 0.
 pub const DEFAULT_SEED: u64 = 0x5eed_0f9e_0e2a_7e00;
@@ -25,6 +28,17 @@ pub struct Special {
 pub struct Hypothesis {
     pub tokens: Vec<u32>,
     pub score: f64,
+    /// Mean of the tokens' log-probabilities under the model's unconstrained distribution at
+    /// temperature 1 (what the grounding file's confidence threshold compares).
+    pub mean_logprob: f64,
+}
+
+fn mean(sum: f64, tokens: usize) -> f64 {
+    if tokens == 0 {
+        0.0
+    } else {
+        sum / tokens as f64
+    }
 }
 
 pub trait Search {
@@ -42,21 +56,27 @@ pub trait Search {
     fn finish(self: Box<Self>) -> Vec<Hypothesis>;
 }
 
-/// Builds the search for `kind`. The word constraint, when given, applies to greedy search.
+/// Builds the search for `kind`; with `grounding`, every strategy writes only allowed tokens
+/// (docs/grounding.md, "Token-level enforcement").
 pub fn new_search(
     kind: SearchKind,
     special: Special,
     ignore_eos: bool,
     length_penalty: f64,
-    constraint: Option<WordConstraint>,
+    grounding: Option<Grounding>,
 ) -> Box<dyn Search> {
     match kind {
-        SearchKind::Greedy => Box::new(Greedy::new(special, ignore_eos).with_constraint(constraint)),
-        SearchKind::Beam { num_beams, num_return_sequences } => {
-            Box::new(Beam::new(num_beams.max(1), num_return_sequences.max(1), special, ignore_eos, length_penalty))
-        }
+        SearchKind::Greedy => Box::new(Greedy::new(special, ignore_eos, grounding)),
+        SearchKind::Beam { num_beams, num_return_sequences } => Box::new(Beam::new(
+            num_beams.max(1),
+            num_return_sequences.max(1),
+            special,
+            ignore_eos,
+            length_penalty,
+            grounding,
+        )),
         SearchKind::Sample { num_return_sequences, temperature, seed } => {
-            Box::new(Sampler::new(num_return_sequences.max(1), temperature, seed, special, ignore_eos))
+            Box::new(Sampler::new(num_return_sequences.max(1), temperature, seed, special, ignore_eos, grounding))
         }
     }
 }
@@ -65,24 +85,72 @@ fn banned(special: Special, ignore_eos: bool) -> Option<usize> {
     ignore_eos.then_some(special.eos as usize)
 }
 
-/// Argmax at every step (or the word constraint's choice), one row. Scores are not
-/// computed: greedy returns one candidate.
+/// The tokens allowed in `state` that index into `row` (a tokenizer may list more tokens than
+/// the model has logits).
+fn allowed_in_row<'a>(
+    g: &Grounding,
+    state: WordState,
+    row: &[f32],
+    allowed: &'a mut Vec<u32>,
+) -> impl Iterator<Item = usize> + Clone + 'a {
+    g.allowed(state, allowed);
+    let len = row.len();
+    allowed.iter().map(|&t| t as usize).filter(move |&t| t < len)
+}
+
+/// When no token is allowed: end-of-sequence; when that is banned (`ignore_eos` benchmarks,
+/// which must write every token), the plain argmax, after which a new word starts.
+fn nothing_allowed(row: &[f32], ban: Option<usize>, special: Special, state: WordState) -> (usize, WordState) {
+    match ban {
+        None => (special.eos as usize, state),
+        Some(_) => (logits::argmax(row, ban), WordState::START),
+    }
+}
+
+/// Argmax at every step, one row; under grounding the best allowed token (the top k first,
+/// then every allowed one).
 pub struct Greedy {
     tokens: Vec<u32>,
     next: [i64; 1],
     special: Special,
     ignore_eos: bool,
-    constraint: Option<WordConstraint>,
+    grounding: Option<Grounding>,
+    state: WordState,
+    logprob_sum: f64,
+    // Scratch buffers kept across steps.
+    top: Vec<(f32, u32)>,
+    allowed: Vec<u32>,
 }
 
 impl Greedy {
-    pub fn new(special: Special, ignore_eos: bool) -> Self {
-        Self { tokens: Vec::with_capacity(64), next: [0], special, ignore_eos, constraint: None }
+    pub fn new(special: Special, ignore_eos: bool, grounding: Option<Grounding>) -> Self {
+        Self {
+            tokens: Vec::with_capacity(64),
+            next: [0],
+            special,
+            ignore_eos,
+            grounding,
+            state: WordState::START,
+            logprob_sum: 0.0,
+            top: Vec::with_capacity(GREEDY_TOP_K),
+            allowed: Vec::new(),
+        }
     }
 
-    pub fn with_constraint(mut self, constraint: Option<WordConstraint>) -> Self {
-        self.constraint = constraint;
-        self
+    /// The best allowed token and the state after it.
+    fn choose_grounded(&mut self, g: &Grounding, row: &[f32], ban: Option<usize>) -> (usize, WordState) {
+        logits::top_k(row, GREEDY_TOP_K, ban, &mut self.top);
+        for &(_, t) in &self.top {
+            if let Some(next) = g.after(self.state, t) {
+                return (t as usize, next);
+            }
+        }
+        let candidates = allowed_in_row(g, self.state, row, &mut self.allowed);
+        logits::top_k_among(row, candidates, 1, ban, &mut self.top);
+        match self.top.first() {
+            Some(&(_, t)) => (t as usize, g.after(self.state, t).expect("a listed token is allowed; this is a bug")),
+            None => nothing_allowed(row, ban, self.special, self.state),
+        }
     }
 }
 
@@ -94,10 +162,17 @@ impl Search for Greedy {
     fn advance(&mut self, logits: &[f32], vocab: usize) -> bool {
         let row = &logits[..vocab];
         let ban = banned(self.special, self.ignore_eos);
-        let t = match &mut self.constraint {
-            Some(c) => c.choose(row, ban),
+        let t = match self.grounding.take() {
             None => logits::argmax(row, ban),
-        } as u32;
+            Some(g) => {
+                let (t, state) = self.choose_grounded(&g, row, ban);
+                self.state = state;
+                self.grounding = Some(g);
+                t
+            }
+        };
+        self.logprob_sum += logits::log_prob(row, t, logits::logsumexp(row));
+        let t = t as u32;
         self.tokens.push(t);
         self.next[0] = i64::from(t);
         !self.ignore_eos && t == self.special.eos
@@ -116,13 +191,15 @@ impl Search for Greedy {
     }
 
     fn finish(self: Box<Self>) -> Vec<Hypothesis> {
-        vec![Hypothesis { tokens: self.tokens, score: 0.0 }]
+        let mean_logprob = mean(self.logprob_sum, self.tokens.len());
+        vec![Hypothesis { tokens: self.tokens, score: self.logprob_sum, mean_logprob }]
     }
 }
 
 /// `n` independent samples decoded as `n` rows, from one seeded RNG (equal seeds, equal
 /// samples). Scores are the model's log-probabilities of the drawn tokens (before
-/// temperature); candidates come back best score first.
+/// temperature); candidates come back best score first. Under grounding each row draws
+/// among its allowed tokens only.
 pub struct Sampler {
     seqs: Vec<Vec<u32>>,
     scores: Vec<f64>,
@@ -132,10 +209,20 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     special: Special,
     ignore_eos: bool,
+    grounding: Option<Grounding>,
+    states: Vec<WordState>,
+    allowed: Vec<u32>,
 }
 
 impl Sampler {
-    pub fn new(n: usize, temperature: f32, seed: u64, special: Special, ignore_eos: bool) -> Self {
+    pub fn new(
+        n: usize,
+        temperature: f32,
+        seed: u64,
+        special: Special,
+        ignore_eos: bool,
+        grounding: Option<Grounding>,
+    ) -> Self {
         let seed = if seed == 0 { DEFAULT_SEED } else { seed };
         Self {
             seqs: vec![Vec::with_capacity(64); n],
@@ -146,6 +233,9 @@ impl Sampler {
             rng: ChaCha8Rng::seed_from_u64(seed),
             special,
             ignore_eos,
+            grounding,
+            states: vec![WordState::START; n],
+            allowed: Vec::new(),
         }
     }
 }
@@ -164,7 +254,19 @@ impl Search for Sampler {
                 continue;
             }
             let row = &logits[r * vocab..(r + 1) * vocab];
-            let t = logits::sample(row, self.temperature, ban, &mut self.rng);
+            let t = match &self.grounding {
+                None => logits::sample(row, self.temperature, ban, &mut self.rng),
+                Some(g) => {
+                    let state = self.states[r];
+                    let candidates = allowed_in_row(g, state, row, &mut self.allowed);
+                    let (t, next) = match logits::sample_among(row, candidates, self.temperature, ban, &mut self.rng) {
+                        Some(t) => (t, g.after(state, t as u32).expect("a listed token is allowed; this is a bug")),
+                        None => nothing_allowed(row, ban, self.special, state),
+                    };
+                    self.states[r] = next;
+                    t
+                }
+            };
             self.scores[r] += logits::log_prob(row, t, logits::logsumexp(row));
             self.seqs[r].push(t as u32);
             self.next[r] = t as i64;
@@ -188,8 +290,12 @@ impl Search for Sampler {
     }
 
     fn finish(self: Box<Self>) -> Vec<Hypothesis> {
-        let mut out: Vec<Hypothesis> =
-            self.seqs.into_iter().zip(self.scores).map(|(tokens, score)| Hypothesis { tokens, score }).collect();
+        let mut out: Vec<Hypothesis> = self
+            .seqs
+            .into_iter()
+            .zip(self.scores)
+            .map(|(tokens, score)| Hypothesis { mean_logprob: mean(score, tokens.len()), tokens, score })
+            .collect();
         // Stable: equal scores keep draw order, so the result is reproducible.
         out.sort_by(|a, b| b.score.total_cmp(&a.score));
         out
@@ -199,7 +305,9 @@ impl Search for Sampler {
 /// Beam search as Hugging Face `generate` does it (early_stopping=False): each step keeps
 /// the `num_beams` best continuations of all beams; a beam that ends in EOS becomes a
 /// finished hypothesis scored `sum_logprobs / len^length_penalty`; done when no running
-/// beam can beat the worst kept hypothesis.
+/// beam can beat the worst kept hypothesis. Under grounding a disallowed token's log-prob is
+/// -inf: candidates come from the allowed tokens only, and when fewer than `num_beams`
+/// continuations exist the rest of the rows are dead (score -inf, never a hypothesis).
 pub struct Beam {
     num_beams: usize,
     num_return: usize,
@@ -214,13 +322,23 @@ pub struct Beam {
     special: Special,
     ignore_eos: bool,
     length_penalty: f64,
+    grounding: Option<Grounding>,
+    states: Vec<WordState>,
     // Scratch buffers kept across steps.
     row_top: Vec<(f32, u32)>,
     candidates: Vec<(f64, usize, u32)>,
+    allowed: Vec<u32>,
 }
 
 impl Beam {
-    pub fn new(num_beams: usize, num_return: usize, special: Special, ignore_eos: bool, length_penalty: f64) -> Self {
+    pub fn new(
+        num_beams: usize,
+        num_return: usize,
+        special: Special,
+        ignore_eos: bool,
+        length_penalty: f64,
+        grounding: Option<Grounding>,
+    ) -> Self {
         Self {
             num_beams,
             num_return: num_return.min(num_beams),
@@ -235,8 +353,11 @@ impl Beam {
             special,
             ignore_eos,
             length_penalty,
+            grounding,
+            states: vec![WordState::START; num_beams],
             row_top: Vec::with_capacity(2 * num_beams),
             candidates: Vec::with_capacity(2 * num_beams * num_beams),
+            allowed: Vec::new(),
         }
     }
 
@@ -244,13 +365,17 @@ impl Beam {
         sum_logprobs / (len.max(1) as f64).powf(self.length_penalty)
     }
 
-    /// Keeps the `num_beams` best finished hypotheses.
+    /// Keeps the `num_beams` best finished hypotheses (a dead row's -inf never counts).
     fn add_hypothesis(&mut self, tokens: Vec<u32>, sum_logprobs: f64) {
+        if sum_logprobs == f64::NEG_INFINITY {
+            return;
+        }
         let score = self.normalised(sum_logprobs, tokens.len());
         if self.hyps.len() == self.num_beams && score <= self.worst_hypothesis() {
             return;
         }
-        self.hyps.push(Hypothesis { tokens, score });
+        let mean_logprob = mean(sum_logprobs, tokens.len());
+        self.hyps.push(Hypothesis { tokens, score, mean_logprob });
         if self.hyps.len() > self.num_beams {
             let worst = self
                 .hyps
@@ -265,6 +390,30 @@ impl Beam {
 
     fn worst_hypothesis(&self) -> f64 {
         self.hyps.iter().map(|h| h.score).fold(f64::INFINITY, f64::min)
+    }
+
+    /// Row `r`'s best `2 * num_beams` tokens (allowed ones only under grounding) into `row_top`.
+    fn row_candidates(&mut self, r: usize, row: &[f32], ban: Option<usize>) {
+        let k2 = 2 * self.num_beams;
+        let Some(g) = &self.grounding else {
+            // log-softmax is monotone within a row, so the top logits are the top log-probs.
+            logits::top_k(row, k2, ban, &mut self.row_top);
+            return;
+        };
+        let candidates = allowed_in_row(g, self.states[r], row, &mut self.allowed);
+        logits::top_k_among(row, candidates, k2, ban, &mut self.row_top);
+        if self.row_top.is_empty() {
+            let (t, _) = nothing_allowed(row, ban, self.special, self.states[r]);
+            self.row_top.push((row[t], t as u32));
+        }
+    }
+
+    /// The state of a new beam: its parent's after `token` (a new word after a token taken
+    /// because nothing was allowed).
+    fn state_after(&self, parent: usize, token: u32) -> WordState {
+        self.grounding
+            .as_ref()
+            .map_or(WordState::START, |g| g.after(self.states[parent], token).unwrap_or(WordState::START))
     }
 }
 
@@ -281,10 +430,12 @@ impl Search for Beam {
         let live_rows = if self.first_step { 1 } else { k };
         self.candidates.clear();
         for r in 0..live_rows {
+            if self.sums[r] == f64::NEG_INFINITY {
+                continue; // a dead row
+            }
             let row = &logits[r * vocab..(r + 1) * vocab];
             let lse = logits::logsumexp(row);
-            // log-softmax is monotone within a row, so the top logits are the top log-probs.
-            logits::top_k(row, 2 * k, ban, &mut self.row_top);
+            self.row_candidates(r, row, ban);
             for &(logit, t) in &self.row_top {
                 self.candidates.push((self.sums[r] + f64::from(logit) - lse, r, t));
             }
@@ -295,8 +446,12 @@ impl Search for Beam {
         let mut new_seqs = Vec::with_capacity(k);
         let mut new_sums = Vec::with_capacity(k);
         let mut new_parents = Vec::with_capacity(k);
+        let mut new_states = Vec::with_capacity(k);
         let candidates = std::mem::take(&mut self.candidates);
         for (rank, &(score, r, t)) in candidates.iter().enumerate() {
+            if score == f64::NEG_INFINITY {
+                break; // sorted: only impossible continuations are left
+            }
             if !self.ignore_eos && t == self.special.eos {
                 // Only an EOS among the k best may end a hypothesis (as in HF).
                 if rank < k {
@@ -311,13 +466,26 @@ impl Search for Beam {
             new_seqs.push(seq);
             new_sums.push(score);
             new_parents.push(r);
+            new_states.push(self.state_after(r, t));
             if new_seqs.len() == k {
                 break;
             }
         }
         self.candidates = candidates;
-        // 2k candidates per live row hold at most one EOS each, so k continuations exist.
-        debug_assert_eq!(new_seqs.len(), k);
+        // Without grounding 2k candidates per live row hold at most one EOS each, so k
+        // continuations exist; under grounding fewer may: the rest are dead copies that keep
+        // the decoder's batch full.
+        debug_assert!(self.grounding.is_some() || new_seqs.len() == k);
+        while new_seqs.len() < k {
+            let (seq, parent, state) = match new_seqs.first() {
+                Some(seq) => (seq.clone(), new_parents[0], new_states[0]),
+                None => ([self.seqs[0].as_slice(), &[self.special.pad]].concat(), 0, WordState::START),
+            };
+            new_seqs.push(seq);
+            new_sums.push(f64::NEG_INFINITY);
+            new_parents.push(parent);
+            new_states.push(state);
+        }
         for (i, seq) in new_seqs.iter().enumerate() {
             self.next[i] = i64::from(*seq.last().expect("a new beam has a token; this is a bug"));
         }
@@ -325,11 +493,13 @@ impl Search for Beam {
         self.parents = new_parents;
         self.seqs = new_seqs;
         self.sums = new_sums;
+        self.states = new_states;
         self.first_step = false;
 
         let cur_len = self.seqs[0].len();
         let best_running = self.sums.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        self.done = self.hyps.len() >= k && self.worst_hypothesis() >= self.normalised(best_running, cur_len);
+        self.done = best_running == f64::NEG_INFINITY
+            || (self.hyps.len() >= k && self.worst_hypothesis() >= self.normalised(best_running, cur_len));
         self.done
     }
 
@@ -389,7 +559,7 @@ mod tests {
     }
 
     #[test]
-    fn greedy_stops_at_eos() {
+    fn greedy_stops_at_eos_with_its_mean_log_prob() {
         let hyps = run(new_search(SearchKind::Greedy, SPECIAL, false, 1.0, None), 10, |step, _, _| {
             if step < 2 {
                 [0.0, 0.0, 5.0, 0.0, 0.0]
@@ -397,7 +567,12 @@ mod tests {
                 [0.0, 9.0, 0.0, 0.0, 0.0]
             }
         });
-        assert_eq!(hyps, vec![Hypothesis { tokens: vec![2, 2, 1], score: 0.0 }]);
+        assert_eq!(hyps.len(), 1);
+        assert_eq!(hyps[0].tokens, vec![2, 2, 1]);
+        // log-softmax of the chosen token, end-of-sequence included.
+        let sum = 2.0 * (5.0 - (4.0 + 5f64.exp()).ln()) + (9.0 - (4.0 + 9f64.exp()).ln());
+        assert!((hyps[0].score - sum).abs() < 1e-9, "{hyps:?}");
+        assert!((hyps[0].mean_logprob - sum / 3.0).abs() < 1e-9, "{hyps:?}");
     }
 
     #[test]
@@ -425,6 +600,7 @@ mod tests {
         let other = SearchKind::Sample { num_return_sequences: 4, temperature: 1.0, seed: 43 };
         let c = run(new_search(other, SPECIAL, false, 1.0, None), 8, table);
         assert_ne!(a, c, "a different seed should draw differently on this table");
+        assert!(a.iter().all(|h| (h.mean_logprob - h.score / h.tokens.len() as f64).abs() < 1e-12));
     }
 
     #[test]
@@ -447,11 +623,13 @@ mod tests {
         assert_eq!(hyps.len(), 2);
         assert_eq!(hyps[0].tokens, vec![3, 1]);
         assert!(hyps[0].score >= hyps[1].score);
+        // Length penalty 1: the score is the mean log-prob.
+        assert!((hyps[0].mean_logprob - hyps[0].score).abs() < 1e-12, "{hyps:?}");
     }
 
     #[test]
     fn beam_reports_parents_when_beams_swap() {
-        let mut beam = Beam::new(2, 2, SPECIAL, true, 1.0);
+        let mut beam = Beam::new(2, 2, SPECIAL, true, 1.0, None);
         // Step 0: row 0 expands into tokens 2 (best) and 3.
         let mut logits = vec![0.0f32; 2 * V];
         logits[..V].copy_from_slice(&[-9.0, -9.0, 2.0, 1.9, -9.0]);
@@ -474,5 +652,137 @@ mod tests {
         assert_eq!(hyps.len(), 3);
         assert!(hyps.iter().all(|h| h.tokens.len() == 5 && !h.tokens.contains(&1)));
         assert!(hyps.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    mod grounded {
+        use std::sync::Arc;
+
+        use qreformulate::grounding::WordRules;
+
+        use super::super::*;
+        use crate::engine::grounding::GroundingModel;
+
+        const QUERY: &str = "How long did Nikola Tesla live?";
+
+        /// The golden file's toy vocabulary and rules (tests/golden/grounding.json).
+        fn toy() -> (Arc<GroundingModel>, Vec<String>) {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/grounding.json");
+            let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let rules = Arc::new(WordRules::parse(&golden["rules"].to_string()).unwrap());
+            let pieces: Vec<String> =
+                golden["tokens"]["pieces"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().into()).collect();
+            let with_ids: Vec<Option<String>> = pieces.iter().cloned().map(Some).collect();
+            (Arc::new(GroundingModel::new(&with_ids, &[0, 1, 2], 1, rules)), pieces)
+        }
+
+        fn id(pieces: &[String], piece: &str) -> usize {
+            pieces.iter().position(|p| p == piece).unwrap()
+        }
+
+        /// Logits that rank the tokens the query does not allow first: every disallowed token
+        /// out-scores every allowed one, and eight of them fill greedy's top k.
+        fn adversarial(pieces: &[String]) -> Vec<f32> {
+            let mut row = vec![-10.0f32; pieces.len()];
+            let disallowed = ["▁Edison", "<pad>", "<unk>", "la", "<0xC3>", "<0x86>", "▁Ed", "esla"];
+            for (rank, p) in disallowed.iter().enumerate() {
+                row[id(pieces, p)] = 10.0 - rank as f32;
+            }
+            row[id(pieces, "▁Tesla")] = 1.0;
+            row[id(pieces, "▁T")] = 0.9;
+            row[id(pieces, "▁Lifespan")] = 0.5;
+            row[id(pieces, "▁|")] = 0.4;
+            row[1] = -1.0; // end-of-sequence
+            row
+        }
+
+        /// Runs `kind` on the same logits every step; returns the hypotheses.
+        fn decode(kind: SearchKind, ignore_eos: bool, steps: usize) -> (Vec<Hypothesis>, Arc<GroundingModel>) {
+            let (model, pieces) = toy();
+            let row = adversarial(&pieces);
+            let special = Special { eos: 1, pad: 0 };
+            let mut search = new_search(kind, special, ignore_eos, 1.0, Some(model.for_query(QUERY)));
+            for _ in 0..steps {
+                let logits: Vec<f32> = (0..search.rows()).flat_map(|_| row.iter().copied()).collect();
+                if search.advance(&logits, pieces.len()) {
+                    break;
+                }
+            }
+            (search.finish(), model)
+        }
+
+        /// Every token of `tokens` is allowed where it was written.
+        fn assert_grounded(model: &Arc<GroundingModel>, tokens: &[u32]) {
+            let g = model.for_query(QUERY);
+            let mut state = WordState::START;
+            for (i, &t) in tokens.iter().enumerate() {
+                state = g.after(state, t).unwrap_or_else(|| panic!("token {t} at {i} of {tokens:?} is not allowed"));
+            }
+        }
+
+        #[test]
+        fn greedy_takes_the_best_allowed_token_past_the_top_k() {
+            let (hyps, model) = decode(SearchKind::Greedy, false, 6);
+            let (_, pieces) = toy();
+            // Unconstrained greedy would write "▁Edison" six times.
+            assert_eq!(hyps[0].tokens, vec![id(&pieces, "▁Tesla") as u32; 6]);
+            assert_grounded(&model, &hyps[0].tokens);
+            // The mean log-prob is under the unconstrained distribution: "▁Tesla" is unlikely.
+            let row = adversarial(&pieces);
+            let expected = f64::from(row[id(&pieces, "▁Tesla")]) - logits::logsumexp(&row);
+            assert!((hyps[0].mean_logprob - expected).abs() < 1e-9, "{hyps:?}");
+        }
+
+        #[test]
+        fn beam_search_chooses_among_allowed_tokens_only() {
+            for ignore_eos in [false, true] {
+                let kind = SearchKind::Beam { num_beams: 3, num_return_sequences: 3 };
+                let (hyps, model) = decode(kind, ignore_eos, 5);
+                assert!(!hyps.is_empty());
+                for h in &hyps {
+                    assert!(h.score.is_finite(), "{hyps:?}");
+                    assert_grounded(&model, &h.tokens);
+                }
+            }
+        }
+
+        #[test]
+        fn sampling_draws_among_allowed_tokens_only() {
+            for seed in 1..20 {
+                let kind = SearchKind::Sample { num_return_sequences: 3, temperature: 2.0, seed };
+                let (hyps, model) = decode(kind, false, 8);
+                assert_eq!(hyps.len(), 3);
+                for h in &hyps {
+                    assert_grounded(&model, &h.tokens);
+                }
+            }
+        }
+
+        #[test]
+        fn a_word_no_token_can_finish_ends_the_sequence() {
+            // "tes" may only go on as "tesla", but no piece writes "la".
+            let rules = Arc::new(
+                WordRules::parse(r#"{"version": 1, "generative_words": ["tesla"], "known_words": []}"#).unwrap(),
+            );
+            let pieces = ["<pad>", "</s>", "▁Tes", "x"].map(|p| Some(p.to_owned()));
+            let model = Arc::new(GroundingModel::new(&pieces, &[0, 1], 1, rules));
+            let special = Special { eos: 1, pad: 0 };
+            let row = [-9.0f32, -9.0, 2.0, 1.0];
+            for (kind, ignore_eos, expected) in [
+                (SearchKind::Greedy, false, vec![2, 1]),
+                (SearchKind::Sample { num_return_sequences: 1, temperature: 1.0, seed: 3 }, false, vec![2, 1]),
+                (SearchKind::Beam { num_beams: 2, num_return_sequences: 1 }, false, vec![2, 1]),
+                // ignore_eos must write every token: the plain argmax, then a new word.
+                (SearchKind::Greedy, true, vec![2, 2, 2]),
+            ] {
+                let mut search = new_search(kind, special, ignore_eos, 1.0, Some(model.for_query("q")));
+                for _ in 0..3 {
+                    let logits: Vec<f32> = (0..search.rows()).flat_map(|_| row).collect();
+                    if search.advance(&logits, row.len()) {
+                        break;
+                    }
+                }
+                assert_eq!(search.finish()[0].tokens, expected, "{kind:?} ignore_eos {ignore_eos}");
+            }
+        }
     }
 }

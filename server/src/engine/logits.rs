@@ -55,14 +55,27 @@ fn max_value(part: &[f32]) -> f32 {
     max
 }
 
-/// `log(sum(exp(row)))`, computed stably in f64.
+/// `log(sum(exp(row)))`, computed stably in f64 in one pass: the sum is kept relative to the
+/// running maximum and rescaled when a larger value comes (rarely, after the first few).
+/// NaNs are skipped; NEG_INFINITY when every value is.
 pub fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return f64::from(max);
+    let mut max = f64::NEG_INFINITY;
+    let mut sum = 0.0f64;
+    for &x in row {
+        let x = f64::from(x);
+        if x == f64::NEG_INFINITY {
+            continue; // adds nothing (and -inf - -inf would be NaN)
+        }
+        if x <= max {
+            sum += (x - max).exp();
+        } else if x > max {
+            if x == f64::INFINITY {
+                return x;
+            }
+            sum = sum * (max - x).exp() + 1.0;
+            max = x;
+        }
     }
-    let max = f64::from(max);
-    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
     max + sum.ln()
 }
 
@@ -74,29 +87,33 @@ pub fn log_prob(row: &[f32], token: usize, lse: f64) -> f64 {
 /// Draws one index from `softmax(row / temperature)`, never `banned`. Three passes over the
 /// row, no buffer.
 pub fn sample<R: Rng + ?Sized>(row: &[f32], temperature: f32, banned: Option<usize>, rng: &mut R) -> usize {
+    sample_among(row, 0..row.len(), temperature, banned, rng).unwrap_or_else(|| argmax(row, banned))
+}
+
+/// Draws one of the `candidates` (indices into `row`) from the softmax of their logits over
+/// `temperature`, never `banned`; `None` when no candidate has a finite logit.
+pub fn sample_among<R: Rng + ?Sized>(
+    row: &[f32],
+    candidates: impl Iterator<Item = usize> + Clone,
+    temperature: f32,
+    banned: Option<usize>,
+    rng: &mut R,
+) -> Option<usize> {
     let inv_t = 1.0 / f64::from(temperature);
-    let allowed = |i: usize, x: f32| Some(i) != banned && !x.is_nan();
-    let max = row
-        .iter()
-        .enumerate()
-        .filter(|&(i, &x)| allowed(i, x))
-        .map(|(_, &x)| f64::from(x))
-        .fold(f64::NEG_INFINITY, f64::max);
+    let allowed = candidates.filter(|&i| Some(i) != banned && !row[i].is_nan());
+    let max = allowed.clone().map(|i| f64::from(row[i])).fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
-        return argmax(row, banned);
+        return None;
     }
-    let weight = |x: f32| ((f64::from(x) - max) * inv_t).exp();
-    let total: f64 = row.iter().enumerate().filter(|&(i, &x)| allowed(i, x)).map(|(_, &x)| weight(x)).sum();
+    let weight = |i: usize| ((f64::from(row[i]) - max) * inv_t).exp();
+    let total: f64 = allowed.clone().map(weight).sum();
     let mut threshold = rng.random::<f64>() * total;
-    let mut last_allowed = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if !allowed(i, x) {
-            continue;
-        }
-        last_allowed = i;
-        threshold -= weight(x);
+    let mut last_allowed = None;
+    for i in allowed {
+        last_allowed = Some(i);
+        threshold -= weight(i);
         if threshold < 0.0 {
-            return i;
+            return Some(i);
         }
     }
     // Rounding left a sliver of mass: take the last candidate.
@@ -106,11 +123,23 @@ pub fn sample<R: Rng + ?Sized>(row: &[f32], temperature: f32, banned: Option<usi
 /// The `k` largest logits of `row` as `(logit, index)`, largest first, skipping `banned`.
 /// `out` is cleared and reused.
 pub fn top_k(row: &[f32], k: usize, banned: Option<usize>, out: &mut Vec<(f32, u32)>) {
+    top_k_among(row, 0..row.len(), k, banned, out);
+}
+
+/// [`top_k`] over the `candidates` (indices into `row`) only; ties keep the earlier candidate.
+pub fn top_k_among(
+    row: &[f32],
+    candidates: impl Iterator<Item = usize>,
+    k: usize,
+    banned: Option<usize>,
+    out: &mut Vec<(f32, u32)>,
+) {
     out.clear();
     if k == 0 {
         return;
     }
-    for (i, &x) in row.iter().enumerate() {
+    for i in candidates {
+        let x = row[i];
         if Some(i) == banned || x.is_nan() {
             continue;
         }
@@ -200,6 +229,27 @@ mod tests {
         assert!((logsumexp(&row) - direct).abs() < 1e-9);
         let lp: f64 = (0..3).map(|i| log_prob(&row, i, logsumexp(&row)).exp()).sum();
         assert!((lp - 1.0).abs() < 1e-9);
+        // One pass: a later maximum rescales the sum so far; large logits do not overflow.
+        let rising = [-3.0f32, 0.5, 800.0, 799.0, f32::NAN];
+        let direct = 800.0 + (1.0 + (-1f64).exp() + (-803f64).exp() + (-799.5f64).exp()).ln();
+        assert!((logsumexp(&rising) - direct).abs() < 1e-9, "{}", logsumexp(&rising));
+        assert_eq!(logsumexp(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), f64::NEG_INFINITY);
+        assert_eq!(logsumexp(&[1.0, f32::INFINITY]), f64::INFINITY);
+        assert_eq!(logsumexp(&[f32::NEG_INFINITY, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn top_k_and_sampling_among_candidates_only() {
+        let row = [9.0f32, 1.0, 8.0, 2.0, 3.0];
+        let mut out = Vec::new();
+        top_k_among(&row, [1usize, 3, 4].into_iter(), 2, Some(4), &mut out);
+        assert_eq!(out, vec![(2.0, 3), (1.0, 1)]);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..50 {
+            let i = sample_among(&row, [1usize, 3].into_iter(), 1.0, None, &mut rng).unwrap();
+            assert!(i == 1 || i == 3);
+        }
+        assert_eq!(sample_among(&row, [4usize].into_iter(), 1.0, Some(4), &mut rng), None);
     }
 
     #[test]

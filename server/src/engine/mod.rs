@@ -1,10 +1,10 @@
 //! The model: tokenizer, ONNX Runtime sessions, the native int8 decoder, the decode loop and
-//! its search strategies, timings. Nothing of gRPC lives here; the service talks to it through [`Engine`] and the
+//! its search strategies, grounded decoding, timings. Nothing of gRPC lives here; the service talks to it through [`Engine`] and the
 //! worker [`pool`].
 
 pub mod cancel;
-pub mod constraint;
 pub mod decode;
+pub mod grounding;
 pub mod logits;
 pub mod model_dir;
 pub mod native;
@@ -54,6 +54,8 @@ pub struct GenerationParams {
     pub search: SearchKind,
     /// Never stop at end-of-sequence: generate exactly `max_new_tokens` tokens.
     pub ignore_eos: bool,
+    /// Decode without the model's grounding (GenerationOptions.unguarded).
+    pub unguarded: bool,
 }
 
 /// The search strategy and its own parameters.
@@ -81,9 +83,10 @@ impl SearchKind {
 pub struct Candidate {
     /// Decoded text, special tokens skipped.
     pub text: String,
-    /// Sum of the chosen tokens' log-probabilities; beam search: length-normalised; greedy:
-    /// not computed (0) since greedy returns a single candidate.
+    /// Sum of the chosen tokens' log-probabilities; beam search: length-normalised.
     pub score: f64,
+    /// Mean log-probability of the generated tokens under the unconstrained distribution.
+    pub mean_logprob: f64,
     /// Generated tokens, end-of-sequence included when it was produced.
     pub tokens: usize,
 }

@@ -2,11 +2,13 @@
 //! text2text-generation-with-past`). Checked up front so a bad `--model` fails fast with the
 //! name of what is missing.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
+use qreformulate::grounding::{WordRules, GROUNDING_FILE};
 use serde_json::Value;
-
-use super::constraint::ConstraintFile;
 
 pub const ENCODER_FILE: &str = "encoder_model.onnx";
 pub const DECODER_FILE: &str = "decoder_model.onnx";
@@ -75,8 +77,9 @@ pub struct ModelDir {
     pub model_id: String,
     pub config: T5Config,
     pub generation: GenerationDefaults,
-    /// `constraint.json`, when the model ships one.
-    pub constraint: Option<ConstraintFile>,
+    /// The word rules of `grounding.json`, when the model ships one (else decoding is
+    /// unconstrained and the guards use their defaults).
+    pub grounding: Option<Arc<WordRules>>,
     /// The PyTorch checkpoint (safetensors), when the model ships one.
     pub checkpoint: Option<PathBuf>,
     /// All of `config.json`: the native decoder reads more fields than [`T5Config`] holds.
@@ -112,14 +115,26 @@ impl ModelDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| canonical.display().to_string());
-        let constraint = ConstraintFile::read(root)?;
+        let grounding = read_grounding(&root.join(GROUNDING_FILE))?;
         let checkpoint = CHECKPOINT_FILES.iter().map(|f| root.join(f)).find(|p| p.is_file());
-        Ok(Self { root: root.to_path_buf(), model_id, config, generation, constraint, checkpoint, config_json })
+        Ok(Self { root: root.to_path_buf(), model_id, config, generation, grounding, checkpoint, config_json })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+}
+
+/// `None` when the file is absent; a file that is there must be valid.
+fn read_grounding(path: &Path) -> Result<Option<Arc<WordRules>>, ModelError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Load { file: path.to_path_buf(), reason: e.to_string() })?;
+    let rules = WordRules::parse(&text)
+        .map_err(|e| ModelError::Malformed { file: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(Some(Arc::new(rules)))
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -256,6 +271,20 @@ mod tests {
         let m = ModelDir::open(&dir).unwrap();
         assert_eq!(m.config.eos_token_id, 1);
         assert_eq!(m.generation.length_penalty, 0.6);
+    }
+
+    #[test]
+    fn grounding_file_is_optional_but_checked() {
+        let dir = temp_dir("grounding");
+        write_all(&dir, CONFIG);
+        assert!(ModelDir::open(&dir).unwrap().grounding.is_none());
+        let file = dir.join(GROUNDING_FILE);
+        std::fs::write(&file, r#"{"version": 1, "generative_words": ["birth"], "known_words": ["tesla"]}"#).unwrap();
+        let rules = ModelDir::open(&dir).unwrap().grounding.expect("grounding.json read");
+        assert_eq!(rules.vocabulary.as_ref().map(|v| (v.generative_count(), v.known_count())), Some((1, 1)));
+        std::fs::write(&file, r#"{"version": 7}"#).unwrap();
+        let err = ModelDir::open(&dir).unwrap_err().to_string();
+        assert!(err.contains(GROUNDING_FILE) && err.contains("version 7"), "{err}");
     }
 
     #[test]

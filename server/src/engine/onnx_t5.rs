@@ -22,11 +22,11 @@ use ort::{
 use tokenizers::Tokenizer;
 
 use super::{
-    constraint::ConstraintModel,
     decode::{new_search, Hypothesis, Search, Special},
+    grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
     native::{DecoderShape, NativeDecoder, Scratch},
-    CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, SearchKind, Timings,
+    CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, Timings,
 };
 
 const INPUT_IDS: &str = "input_ids";
@@ -108,8 +108,8 @@ pub struct OnnxT5 {
     decoder: Decoder,
     config: T5Config,
     length_penalty: f64,
-    /// The capitalised-word constraint, when the model ships `constraint.json` (greedy only).
-    constraint: Option<Arc<ConstraintModel>>,
+    /// Grounded decoding, when the model ships `grounding.json` (every search strategy).
+    grounding: Option<Arc<GroundingModel>>,
     /// The native decoder's threads when it may use more than one (`intra_op_threads`).
     threads: Option<Arc<rayon::ThreadPool>>,
 }
@@ -302,11 +302,12 @@ impl OnnxT5 {
             Some(native) => Decoder::Native(native),
             None => Decoder::Onnx(OnnxDecoder::load(env, dir, settings)?),
         };
-        let constraint = dir.constraint.as_ref().map(|file| {
-            let pieces: Vec<String> = (0..tokenizer.get_vocab_size(true) as u32)
-                .map(|id| tokenizer.id_to_token(id).unwrap_or_default())
-                .collect();
-            Arc::new(ConstraintModel::new(&pieces, file, dir.config.eos_token_id))
+        let grounding = dir.grounding.as_ref().map(|rules| {
+            let pieces: Vec<Option<String>> =
+                (0..tokenizer.get_vocab_size(true) as u32).map(|id| tokenizer.id_to_token(id)).collect();
+            let special: Vec<u32> =
+                tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+            Arc::new(GroundingModel::new(&pieces, &special, dir.config.eos_token_id, Arc::clone(rules)))
         });
         Ok(Self {
             model_id: dir.model_id.clone(),
@@ -316,7 +317,7 @@ impl OnnxT5 {
             decoder,
             config: dir.config.clone(),
             length_penalty: dir.generation.length_penalty,
-            constraint,
+            grounding,
             threads,
         })
     }
@@ -381,11 +382,8 @@ impl OnnxT5 {
         cancel: &CancelToken,
     ) -> Result<Vec<Hypothesis>, EngineError> {
         let params = &req.params;
-        let constraint = match params.search {
-            SearchKind::Greedy => self.constraint.as_ref().map(|c| c.for_query(&req.query)),
-            _ => None,
-        };
-        let search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, constraint);
+        let grounding = self.grounding.as_ref().filter(|_| !params.unguarded).map(|g| g.for_query(&req.query));
+        let search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, grounding);
         let start = self.config.decoder_start_token_id;
         match &mut self.decoder {
             Decoder::Native(native) => decode_native(native, &encoder_states, search, start, req, cancel),
@@ -622,7 +620,7 @@ impl OnnxT5 {
         let mut candidates = Vec::with_capacity(hyps.len());
         for h in &hyps {
             let text = self.tokenizer.decode(&h.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-            candidates.push(Candidate { text, score: h.score, tokens: h.tokens.len() });
+            candidates.push(Candidate { text, score: h.score, mean_logprob: h.mean_logprob, tokens: h.tokens.len() });
         }
         let decoded = Instant::now();
         if candidates.is_empty() {
@@ -639,9 +637,10 @@ impl OnnxT5 {
         Ok(Generation { candidates, timings, truncated })
     }
 
-    /// Whether greedy decoding applies the model's capitalised-word constraint.
-    pub fn constrained(&self) -> bool {
-        self.constraint.is_some()
+    /// Whether decoding is grounded (the model ships `grounding.json`) unless a request is
+    /// unguarded.
+    pub fn grounded(&self) -> bool {
+        self.grounding.is_some()
     }
 
     /// Ends ONNX Runtime profiling (sessions opened with `profile_prefix`): returns the JSON

@@ -284,7 +284,12 @@ mod tests {
                 "fail" => Err(EngineError::Runtime("boom".into())),
                 "panic" => panic!("engine bug"),
                 q => Ok(Generation {
-                    candidates: vec![Candidate { text: format!("{q}|{}", self.calls), score: 0.0, tokens: 1 }],
+                    candidates: vec![Candidate {
+                        text: format!("{q}|{}", self.calls),
+                        score: 0.0,
+                        mean_logprob: 0.0,
+                        tokens: 1,
+                    }],
                     timings: Timings { generated_tokens: 1, ..Timings::default() },
                     truncated: false,
                 }),
@@ -298,7 +303,12 @@ mod tests {
     fn request(q: &str) -> GenerateRequest {
         GenerateRequest {
             query: q.into(),
-            params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: false },
+            params: GenerationParams {
+                max_new_tokens: 4,
+                search: SearchKind::Greedy,
+                ignore_eos: false,
+                unguarded: false,
+            },
             max_input_tokens: 16,
             truncate: false,
         }
