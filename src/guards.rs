@@ -124,23 +124,21 @@ pub fn unguarded(text: &str, query: &str) -> Answer {
     Answer { subqueries: split(text, query), fallback: empty.then_some(FallbackReason::Empty) }
 }
 
-/// How many leading words of a part step 3 keeps: it stops before the first word that would
-/// make the part too long, repeat a word too often, or complete an n-gram seen before.
+/// How many leading words of a part step 3 keeps. Word by word, the first of: an n-gram
+/// ending here that repeats an earlier one (cut at its start: the whole repeat goes), a word
+/// past the length limit or repeated too often (cut before it).
 fn cut_length(folded: &[Vec<u8>], rules: &WordRules) -> usize {
     let g = &rules.guards;
     let n = g.no_repeat_ngram;
     let mut counts: HashMap<&[u8], usize> = HashMap::new();
     let mut ngrams: HashSet<&[Vec<u8>]> = HashSet::new();
     for (i, word) in folded.iter().enumerate() {
-        if i + 1 > g.max_subquery_words {
-            return i;
+        if i + 1 >= n && !ngrams.insert(&folded[i + 1 - n..=i]) {
+            return i + 1 - n;
         }
         let count = counts.entry(word).or_default();
         *count += 1;
-        if *count > g.max_word_repeats {
-            return i;
-        }
-        if i + 1 >= n && !ngrams.insert(&folded[i + 1 - n..=i]) {
+        if i >= g.max_subquery_words || *count > g.max_word_repeats {
             return i;
         }
     }
@@ -159,8 +157,8 @@ fn folded_words(subquery: &str) -> Vec<Vec<u8>> {
     subquery.split(is_space).filter(|w| !w.is_empty()).map(fold).collect()
 }
 
-/// Served subqueries that break a guard of step 3, 5 or 6, or whose non-first part breaks
-/// step 4 (`rules`: `None` for the defaults).
+/// Served subqueries that break a guard of step 3, 4, 5 or 6 (`rules`: `None` for the
+/// defaults).
 pub fn is_degenerate<S: AsRef<str>>(subqueries: &[S], query: &str, rules: Option<&WordRules>) -> bool {
     is_degenerate_in(subqueries, &rules.unwrap_or(WordRules::defaults()).context(query))
 }
@@ -171,13 +169,13 @@ pub fn is_degenerate_in<S: AsRef<str>>(subqueries: &[S], ctx: &QueryContext<'_>)
         return true;
     }
     let mut sets: Vec<HashSet<Vec<u8>>> = Vec::with_capacity(subqueries.len());
-    for (i, subquery) in subqueries.iter().enumerate() {
+    for subquery in subqueries {
         let folded = folded_words(subquery.as_ref());
         if cut_length(&folded, ctx.rules) < folded.len() {
             return true;
         }
         let set: HashSet<Vec<u8>> = folded.into_iter().collect();
-        if i > 0 && !on_topic(&set, ctx, sets.last()) {
+        if set.is_empty() || !on_topic(&set, ctx, sets.last()) {
             return true;
         }
         if sets.iter().any(|s| set.is_subset(s)) {

@@ -115,15 +115,15 @@ pub struct GroundingModel {
 }
 
 impl GroundingModel {
-    /// `pieces[id]` is the tokenizer's piece for token `id` (`None` when it has none);
-    /// `special` lists the special tokens; `rules` must hold a vocabulary.
+    /// `pieces[id]` is the tokenizer's piece for token `id` (`None` when it has none; an empty
+    /// piece counts as none); `special` lists the special tokens.
     pub fn new(pieces: &[Option<String>], special: &[u32], eos: u32, rules: Arc<WordRules>) -> Self {
         let tokens: Vec<Option<Box<[u8]>>> = pieces
             .iter()
             .enumerate()
             .map(|(id, piece)| {
                 let never = special.contains(&(id as u32)) || id as u32 == eos;
-                piece.as_deref().filter(|_| !never).map(|p| piece_bytes(p).into_boxed_slice())
+                piece.as_deref().filter(|p| !never && !p.is_empty()).map(|p| piece_bytes(p).into_boxed_slice())
             })
             .collect();
         let mut token_trie = ByteTrie::new(std::iter::empty());
@@ -290,9 +290,11 @@ mod tests {
     fn ids_without_a_piece_or_past_the_table_are_never_allowed() {
         let rules =
             Arc::new(WordRules::parse(r#"{"version": 1, "generative_words": ["a"], "known_words": []}"#).unwrap());
-        let model = Arc::new(GroundingModel::new(&[None, Some("</s>".into()), Some("a".into())], &[1], 1, rules));
+        let pieces = [None, Some("</s>".into()), Some("a".into()), Some(String::new())];
+        let model = Arc::new(GroundingModel::new(&pieces, &[1], 1, rules));
         let g = model.for_query("q");
         assert!(!g.allows(WordState::START, 0));
+        assert!(!g.allows(WordState::START, 3), "an empty piece is no piece");
         assert!(!g.allows(WordState::START, 99));
         assert!(g.allows(WordState::START, 2) && g.allows(WordState::START, 1));
     }
