@@ -87,6 +87,10 @@ pub struct GenerationArgs {
     /// Truncate a query over the server's token limit instead of rejecting it.
     #[arg(long)]
     pub truncate: bool,
+    /// Decode without the model's grounding and answer with the plain split of the text (no
+    /// guards, no fallbacks but an empty text): for side-by-side measurement.
+    #[arg(long)]
+    pub unguarded: bool,
 }
 
 impl GenerationArgs {
@@ -100,7 +104,7 @@ impl GenerationArgs {
             seed: self.seed.unwrap_or(0),
             ignore_eos: false,
             truncate: self.truncate,
-            unguarded: false,
+            unguarded: self.unguarded,
         }
     }
 }
@@ -253,6 +257,26 @@ mod tests {
         assert_eq!(options.seed, 9);
         assert!(options.truncate);
         assert!(!options.ignore_eos);
+        assert!(!options.unguarded);
+    }
+
+    #[test]
+    fn unguarded_reaches_every_generating_command() {
+        for args in [
+            vec!["qclient", "bench", "f", "--unguarded"],
+            vec!["qclient", "eval", "f", "--unguarded"],
+            vec!["qclient", "reformulate", "--unguarded", "q"],
+            vec!["qclient", "chat", "--unguarded"],
+        ] {
+            let generation = match Cli::try_parse_from(&args).unwrap().command {
+                Command::Bench(a) => a.generation,
+                Command::Eval(a) => a.generation,
+                Command::Reformulate(a) => a.generation,
+                Command::Chat(a) => a.generation,
+                Command::Health(_) => unreachable!(),
+            };
+            assert!(generation.to_proto().unguarded, "{args:?}");
+        }
     }
 
     #[test]

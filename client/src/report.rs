@@ -3,8 +3,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use qreformulate::pb;
+use qreformulate::{guards::FallbackReason, pb};
 use serde::Serialize;
+
+/// The name of a wire fallback reason (`off_topic`); `None` when the answer is the model's.
+pub fn fallback_name(reason: i32) -> Option<&'static str> {
+    match pb::FallbackReason::try_from(reason) {
+        Ok(wire) => Option::<FallbackReason>::from(wire).map(FallbackReason::name),
+        // A newer server's reason this client does not know.
+        Err(_) => Some("unknown"),
+    }
+}
 
 /// Latency summary in milliseconds (the JSON shape of every latency block).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -133,6 +142,16 @@ pub struct MetricRow {
     pub rouge_l: f64,
     pub count_accuracy: f64,
     pub levenshtein: f64,
+    /// `null` when the model has no grounding file.
+    pub invented_rate: Option<f64>,
+    pub degenerate_rate: f64,
+    pub fallback_rate: f64,
+}
+
+impl MetricRow {
+    fn empty(name: &str) -> Self {
+        MetricRow::from(&pb::MetricRow { name: name.into(), ..pb::MetricRow::default() })
+    }
 }
 
 impl From<&pb::MetricRow> for MetricRow {
@@ -144,6 +163,9 @@ impl From<&pb::MetricRow> for MetricRow {
             rouge_l: row.rouge_l,
             count_accuracy: row.count_accuracy,
             levenshtein: row.levenshtein,
+            invented_rate: row.invented_rate,
+            degenerate_rate: row.degenerate_rate,
+            fallback_rate: row.fallback_rate,
         }
     }
 }
@@ -157,6 +179,10 @@ pub struct ExampleResult {
     pub exact_match: bool,
     pub rouge_l: f64,
     pub latency_ms: f64,
+    /// Why the prediction is the query itself; `null` when it is the model's.
+    pub fallback_reason: Option<&'static str>,
+    pub invented: bool,
+    pub degenerate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -164,24 +190,22 @@ pub struct EvalReport {
     pub model_id: String,
     pub overall: MetricRow,
     pub per_kind: Vec<MetricRow>,
+    /// The echo baseline (the query as the only subquery), row for row.
+    pub echo_overall: MetricRow,
+    pub echo_per_kind: Vec<MetricRow>,
     pub latency_ms: Latency,
     pub examples: Vec<ExampleResult>,
 }
 
 impl EvalReport {
     pub fn from_proto(response: &pb::EvaluateResponse) -> Self {
-        let overall = response.overall.as_ref().map(MetricRow::from).unwrap_or(MetricRow {
-            name: "overall".into(),
-            examples: 0,
-            exact_match: 0.0,
-            rouge_l: 0.0,
-            count_accuracy: 0.0,
-            levenshtein: 0.0,
-        });
+        let overall = |row: Option<&pb::MetricRow>| row.map_or_else(|| MetricRow::empty("overall"), MetricRow::from);
         EvalReport {
             model_id: response.model_id.clone(),
-            overall,
+            overall: overall(response.overall.as_ref()),
             per_kind: response.per_kind.iter().map(MetricRow::from).collect(),
+            echo_overall: overall(response.echo_overall.as_ref()),
+            echo_per_kind: response.echo_per_kind.iter().map(MetricRow::from).collect(),
             latency_ms: response.latency.as_ref().map(Latency::from_proto).unwrap_or_default(),
             examples: response
                 .examples
@@ -194,9 +218,17 @@ impl EvalReport {
                     exact_match: e.exact_match,
                     rouge_l: e.rouge_l,
                     latency_ms: e.latency_ms,
+                    fallback_reason: fallback_name(e.fallback_reason),
+                    invented: e.invented,
+                    degenerate: e.degenerate,
                 })
                 .collect(),
         }
+    }
+
+    /// The echo baseline's row of the same name.
+    fn echo(&self, name: &str) -> Option<&MetricRow> {
+        std::iter::once(&self.echo_overall).chain(&self.echo_per_kind).find(|row| row.name == name)
     }
 }
 
@@ -240,6 +272,8 @@ pub struct CandidateJson {
     pub subqueries: Vec<String>,
     pub text: String,
     pub score: f64,
+    pub fallback_reason: Option<&'static str>,
+    pub mean_logprob: f64,
 }
 
 /// One line of `reformulate --json`: `query`, `subqueries`, `latency_ms` first, then extras.
@@ -252,6 +286,12 @@ pub struct AnswerJson {
     pub server: Option<TimingsJson>,
     pub model_id: String,
     pub truncated: bool,
+    /// Why the subqueries are the query itself (`off_topic`, ...); `null` when they are the
+    /// model's.
+    pub fallback_reason: Option<&'static str>,
+    pub mean_logprob: f64,
+    /// The model's grounding applied to this answer.
+    pub grounded: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<CandidateJson>,
 }
@@ -266,10 +306,19 @@ impl AnswerJson {
             server: response.timings.as_ref().map(TimingsJson::from),
             model_id: response.model_id.clone(),
             truncated: response.truncated,
+            fallback_reason: fallback_name(response.fallback_reason),
+            mean_logprob: response.mean_logprob,
+            grounded: response.grounded,
             candidates: response
                 .candidates
                 .iter()
-                .map(|c| CandidateJson { subqueries: c.subqueries.clone(), text: c.text.clone(), score: c.score })
+                .map(|c| CandidateJson {
+                    subqueries: c.subqueries.clone(),
+                    text: c.text.clone(),
+                    score: c.score,
+                    fallback_reason: fallback_name(c.fallback_reason),
+                    mean_logprob: c.mean_logprob,
+                })
                 .collect(),
         }
     }
@@ -278,8 +327,9 @@ impl AnswerJson {
 // ---------------------------------------------------------------------------------------
 // Text rendering
 
-/// The human form of one answer: the subqueries (one per line, or ` | `-joined), the
-/// candidates when there are several, and a latency line.
+/// The human form of one answer: the subqueries (one per line, or ` | `-joined), why they
+/// are the query itself when they are, the candidates when there are several, and a latency
+/// line.
 pub fn render_answer(response: &pb::ReformulateResponse, latency: Duration, joined: bool) -> String {
     let mut out = String::new();
     if joined {
@@ -290,6 +340,9 @@ pub fn render_answer(response: &pb::ReformulateResponse, latency: Duration, join
             out.push_str(subquery);
             out.push('\n');
         }
+    }
+    if let Some(reason) = fallback_name(response.fallback_reason) {
+        out.push_str(&format!("  (fallback: {reason} \u{2014} the query is returned unchanged)\n"));
     }
     if !response.candidates.is_empty() {
         out.push_str("  candidates:\n");
@@ -500,16 +553,23 @@ pub fn render_server_bench(report: &ServerBenchReport) -> String {
     )
 }
 
-/// The metric table (overall, then per kind) and the latency percentiles of `eval`.
+/// The metric table (overall, then per kind; the guards' rates and the echo baseline's
+/// ROUGE-L beside each row) and the latency percentiles of `eval`.
 pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
-    let mut rows = vec![vec![
-        String::new(),
-        "examples".to_string(),
-        "exact match".to_string(),
-        "ROUGE-L".to_string(),
-        "count acc".to_string(),
-        "Levenshtein".to_string(),
-    ]];
+    let mut rows = vec![[
+        "",
+        "examples",
+        "exact match",
+        "ROUGE-L",
+        "count acc",
+        "Levenshtein",
+        "invented",
+        "degenerate",
+        "fallback",
+        "echo ROUGE-L",
+    ]
+    .map(str::to_string)
+    .to_vec()];
     for row in std::iter::once(&report.overall).chain(&report.per_kind) {
         rows.push(vec![
             or_dash(&row.name),
@@ -518,6 +578,10 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
             score(row.rouge_l),
             score(row.count_accuracy),
             score(row.levenshtein),
+            row.invented_rate.map_or_else(|| "-".to_string(), score),
+            score(row.degenerate_rate),
+            score(row.fallback_rate),
+            report.echo(&row.name).map_or_else(|| "-".to_string(), |echo| score(echo.rouge_l)),
         ]);
     }
     let latency = &report.latency_ms;
@@ -551,8 +615,9 @@ pub fn render_eval(report: &EvalReport, mismatches: usize) -> String {
                 out.push_str(&format!("  kind       {}\n", example.kind));
             }
             out.push_str(&format!("  expected   {}\n", example.expected.join(" | ")));
+            let fallback = example.fallback_reason.map(|r| format!(", fallback: {r}")).unwrap_or_default();
             out.push_str(&format!(
-                "  predicted  {}   (ROUGE-L {})\n",
+                "  predicted  {}   (ROUGE-L {}{fallback})\n",
                 example.predicted.join(" | "),
                 score(example.rouge_l)
             ));
@@ -597,7 +662,9 @@ mod tests {
             }),
             model_id: "qreformulate-t5".into(),
             truncated: false,
-            ..Default::default()
+            fallback_reason: pb::FallbackReason::None.into(),
+            mean_logprob: -0.125,
+            grounded: true,
         }
     }
 
@@ -613,14 +680,34 @@ mod tests {
     }
 
     #[test]
+    fn answer_says_why_it_is_the_query() {
+        let mut response = sample_response();
+        response.subqueries = vec!["Who lived longer?".into()];
+        response.set_fallback_reason(pb::FallbackReason::OffTopic);
+        let text = render_answer(&response, Duration::from_millis(3), false);
+        assert!(
+            text.starts_with(
+                "Who lived longer?\n  (fallback: off_topic \u{2014} the query is returned unchanged)\n  ("
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(AnswerJson::new("Who lived longer?", &response, Duration::ZERO)).unwrap();
+        assert_eq!(json["fallback_reason"], "off_topic");
+        assert_eq!(json["mean_logprob"], -0.125);
+        assert_eq!(json["grounded"], true);
+        // A reason this client does not know yet (a newer server) is still a fallback.
+        assert_eq!(fallback_name(99), Some("unknown"));
+    }
+
+    #[test]
     fn answer_shows_candidates_and_cache() {
         let mut response = sample_response();
-        response.candidates =
-            vec![pb::Candidate {
+        response.candidates = vec![pb::Candidate {
             subqueries: vec!["a".into(), "b".into()],
             text: "a | b".into(),
             score: -0.5,
-            ..Default::default()
+            fallback_reason: pb::FallbackReason::None.into(),
+            mean_logprob: -0.25,
         }];
         response.timings.as_mut().unwrap().cached = true;
         let text = render_answer(&response, Duration::from_millis(1), false);
@@ -639,6 +726,7 @@ mod tests {
         );
         assert!(!json.contains("candidates"), "{json}");
         assert!(json.contains("\"generated_tokens\":9"), "{json}");
+        assert!(json.contains("\"fallback_reason\":null,\"mean_logprob\":-0.125,\"grounded\":true"), "{json}");
     }
 
     #[test]
@@ -770,11 +858,18 @@ mod tests {
             rouge_l: 0.75,
             count_accuracy: 1.0,
             levenshtein: 0.8126,
+            invented_rate: Some(0.07),
+            degenerate_rate: 0.125,
+            fallback_rate: 0.25,
         };
+        let echo = |name: &str| MetricRow { rouge_l: 0.3, invented_rate: None, ..row(name, 1) };
         let report = EvalReport {
             model_id: "m".into(),
             overall: row("overall", 2),
             per_kind: vec![row("comparison", 1), row("chaining", 1)],
+            // No echo row for "chaining": its cell is a dash.
+            echo_overall: echo("overall"),
+            echo_per_kind: vec![echo("comparison")],
             latency_ms: Latency { count: 2, ..Latency::default() },
             examples: vec![
                 ExampleResult {
@@ -785,6 +880,9 @@ mod tests {
                     exact_match: true,
                     rouge_l: 1.0,
                     latency_ms: 1.0,
+                    fallback_reason: None,
+                    invented: false,
+                    degenerate: false,
                 },
                 ExampleResult {
                     query: "bad".into(),
@@ -794,6 +892,9 @@ mod tests {
                     exact_match: false,
                     rouge_l: 0.0,
                     latency_ms: 1.0,
+                    fallback_reason: Some("off_topic"),
+                    invented: false,
+                    degenerate: false,
                 },
             ],
         };
@@ -805,6 +906,17 @@ mod tests {
         assert!(lines[header + 2].contains("comparison"), "{text}");
         assert!(lines[header + 3].contains("chaining"), "{text}");
         assert!(lines[header + 1].contains("0.500  ") && lines[header + 1].contains("0.813"), "{text}");
+        for column in ["invented", "degenerate", "fallback", "echo ROUGE-L"] {
+            assert!(lines[header].contains(column), "{column}: {text}");
+        }
+        assert!(lines[header + 1].ends_with("0.070       0.125     0.250         0.300 │"), "{text}");
+        assert!(lines[header + 3].ends_with("0.250             - │"), "{text}");
+        assert!(text.contains("(ROUGE-L 0.000, fallback: off_topic)"), "{text}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["overall"]["invented_rate"], 0.07);
+        assert_eq!(json["echo_overall"]["invented_rate"], serde_json::Value::Null);
+        assert_eq!(json["echo_per_kind"][0]["rouge_l"], 0.3);
+        assert_eq!(json["examples"][1]["fallback_reason"], "off_topic");
         assert!(text.contains("latency over 2 examples"), "{text}");
         assert!(text.contains("\n  expected   x | y\n"), "{text}");
         assert!(text.contains("\n  kind       chaining\n"), "{text}");
