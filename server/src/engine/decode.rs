@@ -13,6 +13,9 @@ use super::{
     logits, SearchKind,
 };
 
+/// Beam search under grounding first tries this many times its `2 * num_beams` candidates.
+const BEAM_FAST_PATH: usize = 4;
+
 /// Seed used when the request leaves `seed` at 0.
 pub const DEFAULT_SEED: u64 = 0x5eed_0f9e_0e2a_7e00;
 
@@ -400,7 +403,16 @@ impl Beam {
             logits::top_k(row, k2, ban, &mut self.row_top);
             return;
         };
-        let candidates = allowed_in_row(g, self.states[r], row, &mut self.allowed);
+        // Fast path: when the best few tokens hold 2k allowed ones, those are exactly the 2k best
+        // allowed tokens, and listing every allowed token (most of the cost) is not needed.
+        let state = self.states[r];
+        logits::top_k(row, BEAM_FAST_PATH * k2, ban, &mut self.row_top);
+        self.row_top.retain(|&(_, t)| g.allows(state, t));
+        if self.row_top.len() >= k2 {
+            self.row_top.truncate(k2);
+            return;
+        }
+        let candidates = allowed_in_row(g, state, row, &mut self.allowed);
         logits::top_k_among(row, candidates, k2, ban, &mut self.row_top);
         if self.row_top.is_empty() {
             let (t, _) = nothing_allowed(row, ban, self.special, self.states[r]);
