@@ -202,23 +202,38 @@ impl GroundingFile {
     }
 }
 
+/// The characters a word holds, hashed into 64 bits. One edit changes at most two bits of it
+/// (a substitution: one character out, one in; a swap: none), so words `d` edits apart differ
+/// in at most `2 d` bits: a one-instruction test that rules out most candidates.
+fn char_mask(chars: &[char]) -> u64 {
+    chars.iter().fold(0, |mask, &c| mask | 1 << (u32::from(c) % 64))
+}
+
+/// One known word, ready for the fuzzy match.
+#[derive(Debug, Clone)]
+struct KnownWord {
+    chars: Box<[char]>,
+    mask: u64,
+    folded: Vec<u8>,
+}
+
 /// The known words by length in characters, for the fuzzy match: a word within distance `d`
 /// of a `n`-character word has `n - d ..= n + d` characters, so only those buckets are read.
 #[derive(Debug, Clone, Default)]
 struct KnownWords {
     set: HashSet<Vec<u8>>,
-    by_len: Vec<Vec<(Box<[char]>, Vec<u8>)>>,
+    by_len: Vec<Vec<KnownWord>>,
 }
 
 impl KnownWords {
     fn new(words: &[String]) -> Self {
-        let mut by_len: Vec<Vec<(Box<[char]>, Vec<u8>)>> = Vec::new();
+        let mut by_len: Vec<Vec<KnownWord>> = Vec::new();
         for w in words {
             let chars: Box<[char]> = w.chars().collect();
             if by_len.len() <= chars.len() {
                 by_len.resize_with(chars.len() + 1, Vec::new);
             }
-            by_len[chars.len()].push((chars, fold(w)));
+            by_len[chars.len()].push(KnownWord { mask: char_mask(&chars), chars, folded: fold(w) });
         }
         Self { set: words.iter().map(|w| fold(w)).collect(), by_len }
     }
@@ -227,10 +242,11 @@ impl KnownWords {
     fn near(&self, word: &[char], max: usize, out: &mut HashSet<Vec<u8>>) {
         let lo = word.len().saturating_sub(max);
         let hi = (word.len() + max).min(self.by_len.len().saturating_sub(1));
+        let mask = char_mask(word);
         for bucket in self.by_len.get(lo..=hi).into_iter().flatten() {
-            for (chars, folded) in bucket {
-                if osa_within(word, chars, max) {
-                    out.insert(folded.clone());
+            for known in bucket {
+                if (known.mask ^ mask).count_ones() as usize <= 2 * max && osa_within(word, &known.chars, max) {
+                    out.insert(known.folded.clone());
                 }
             }
         }
@@ -245,17 +261,32 @@ pub fn osa_within(a: &[char], b: &[char], max: usize) -> bool {
     if a.len().abs_diff(b.len()) > max {
         return false;
     }
-    let big = max + 1;
+    // Three rows on the stack for words of up to 31 characters (nearly all).
+    const STACK: usize = 32;
     let width = b.len() + 1;
-    // Three rows: i-2 (for swaps), i-1, i; cells outside the band hold `big`.
-    let mut rows = [vec![big; width], vec![big; width], vec![big; width]];
+    if width <= STACK {
+        let mut stack = [[0; STACK]; 3];
+        let [x, y, z] = &mut stack;
+        osa_rows(a, b, max, &mut [&mut x[..width], &mut y[..width], &mut z[..width]])
+    } else {
+        let mut rows = [vec![0; width], vec![0; width], vec![0; width]];
+        osa_rows(a, b, max, &mut rows.each_mut().map(|r| r.as_mut_slice()))
+    }
+}
+
+/// [`osa_within`] on three rows of `b.len() + 1` cells: i-2 (for swaps), i-1, i.
+fn osa_rows(a: &[char], b: &[char], max: usize, rows: &mut [&mut [usize]; 3]) -> bool {
+    // Cells outside the band hold `big`.
+    let big = max + 1;
+    for row in rows.iter_mut() {
+        row.fill(big);
+    }
     for (j, cell) in rows[1].iter_mut().enumerate().take(max + 1) {
         *cell = j;
     }
     for i in 1..=a.len() {
-        let (older, rest) = rows.split_at_mut(1);
-        let (prev, cur) = rest.split_at_mut(1);
-        let (older, prev, cur) = (&older[0], &prev[0], &mut cur[0]);
+        let [older, prev, cur] = rows;
+        let (older, prev): (&[usize], &[usize]) = (older, prev);
         cur.fill(big);
         let lo = i.saturating_sub(max);
         let hi = (i + max).min(b.len());
