@@ -381,18 +381,6 @@ async fn reflection_lists_the_service() {
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
 
-/// GET `path` over plain HTTP/1.1 (no client library needed for one request); the body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics port");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
-}
-
 #[tokio::test]
 async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
     // A free port for the metrics listener (bound and released; the server binds it again).
@@ -406,7 +394,7 @@ async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
     c.reformulate(request(QUERY, opts)).await.unwrap(); // a cache hit
     assert_eq!(c.reformulate(request("   ", opts)).await.unwrap_err().code(), Code::InvalidArgument);
 
-    let body = http_get(metrics_addr, "/metrics").await;
+    let body = common::http_get(metrics_addr, "/metrics").await;
     for line in [
         r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#.to_owned(),
         r#"qreformulate_requests_total{code="INVALID_ARGUMENT",rpc="Reformulate"} 1"#.to_owned(),

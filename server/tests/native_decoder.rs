@@ -31,12 +31,7 @@ fn texts(e: &mut OnnxT5, req: &GenerateRequest) -> Vec<String> {
 }
 
 fn test_queries() -> Vec<String> {
-    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../datasets/test.jsonl");
-    std::fs::read_to_string(file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["query"].as_str().unwrap().to_owned())
-        .collect()
+    common::dataset_queries("test.jsonl").expect("datasets/test.jsonl")
 }
 
 #[test]

@@ -1,9 +1,18 @@
 //! Starts the real server (real model, real ONNX Runtime) on 127.0.0.1:0 for the tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::{net::SocketAddr, path::PathBuf, sync::OnceLock, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+    time::Duration,
+};
 
-use qreformulate::{pb::reformulator_client::ReformulatorClient, SERVICE_NAME};
+use qreformulate::{
+    grounding::{WordRules, GROUNDING_FILE},
+    pb::reformulator_client::ReformulatorClient,
+    SERVICE_NAME,
+};
 use qserver::{serve, Config, ServerError};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -29,6 +38,53 @@ pub fn model_files_copy(tag: &str) -> PathBuf {
         }
     }
     dir
+}
+
+/// A model directory with a grounding file: the shipped model when it ships one, else a copy of
+/// its files (`pytorch/` linked, so the native decoder still runs) with the golden rules of
+/// `tests/golden/grounding.json`.
+pub fn grounded_model_dir() -> PathBuf {
+    let shipped = model_dir();
+    if shipped.join(GROUNDING_FILE).is_file() {
+        return shipped;
+    }
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = model_files_copy("grounded");
+        let checkpoint = shipped.join("pytorch");
+        if checkpoint.is_dir() {
+            std::os::unix::fs::symlink(checkpoint.canonicalize().unwrap(), dir.join("pytorch")).unwrap();
+        }
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/grounding.json");
+        let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+        std::fs::write(dir.join(GROUNDING_FILE), golden["rules"].to_string()).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// The word rules of a model directory's grounding file.
+pub fn rules_of(dir: &Path) -> WordRules {
+    WordRules::parse(&std::fs::read_to_string(dir.join(GROUNDING_FILE)).unwrap()).unwrap()
+}
+
+/// A copy of the model's top-level files without a grounding file (`qserver-{tag}-{pid}`).
+pub fn ungrounded_model_copy(tag: &str) -> PathBuf {
+    let dir = model_files_copy(tag);
+    let _ = std::fs::remove_file(dir.join(GROUNDING_FILE));
+    dir
+}
+
+/// The queries of a dataset under `datasets/`, or `None` when the file is absent.
+pub fn dataset_queries(name: &str) -> Option<Vec<String>> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets").join(name);
+    let text = std::fs::read_to_string(file).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["query"].as_str().unwrap().to_owned())
+            .collect(),
+    )
 }
 
 pub fn config(extra: &[&str]) -> Config {
@@ -132,4 +188,16 @@ pub async fn wait_serving(addr: SocketAddr) {
         assert!(tokio::time::Instant::now() < deadline, "server at {addr} never became SERVING");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// GET `path` over plain HTTP/1.1 (no client library needed for one request); the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics port");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
