@@ -30,14 +30,37 @@ fn model_dir() -> PathBuf {
 /// The shared server's address (`http://127.0.0.1:PORT`), started on first use.
 fn server() -> &'static str {
     static ADDR: OnceLock<Result<String, String>> = OnceLock::new();
-    match ADDR.get_or_init(start_server) {
+    match ADDR.get_or_init(|| start_server(model_dir())) {
         Ok(addr) => addr,
         Err(e) => panic!("the in-process qserver did not start: {e}"),
     }
 }
 
-fn start_server() -> Result<String, String> {
-    let model = model_dir();
+/// A second server whose grounding file sets a confidence threshold no answer reaches, so
+/// that every answer is a fallback (`low_confidence`).
+fn low_confidence_server() -> &'static str {
+    static ADDR: OnceLock<Result<String, String>> = OnceLock::new();
+    let start = || {
+        let dir = std::env::temp_dir().join(format!("qclient-low-confidence-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        for entry in std::fs::read_dir(model_dir()).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).map_err(|e| e.to_string())?;
+            }
+        }
+        let rules = r#"{"version": 1, "generative_words": [], "known_words": [], "min_mean_logprob": 0.0}"#;
+        std::fs::write(dir.join("grounding.json"), rules).map_err(|e| e.to_string())?;
+        start_server(dir)
+    };
+    match ADDR.get_or_init(start) {
+        Ok(addr) => addr,
+        Err(e) => panic!("the low-confidence qserver did not start: {e}"),
+    }
+}
+
+fn start_server(model: PathBuf) -> Result<String, String> {
     if !model.is_dir() {
         return Err(format!("model directory {} does not exist (set QREFORMULATE_TEST_MODEL)", model.display()));
     }
@@ -228,6 +251,24 @@ fn reformulate_text_mode_prints_subqueries_and_latency() {
 }
 
 #[test]
+fn fallback_reason_reaches_the_client() {
+    let query = "Who lived longer, Nikola Tesla or Milutin Milankovic?";
+    let value = json(ok(&qclient(&["--addr", low_confidence_server(), "reformulate", "--json", query], None)).trim());
+    assert_answer(&value, query);
+    assert_eq!(value["fallback_reason"], "low_confidence", "{value}");
+    assert_eq!(value["subqueries"], serde_json::json!([query]), "{value}");
+    assert_eq!(value["grounded"], true, "{value}");
+    assert!(value["mean_logprob"].as_f64().is_some_and(|m| m < 0.0), "{value}");
+    let stdout = ok(&qclient(&["--addr", low_confidence_server(), "chat"], Some(&format!("{query}\n"))));
+    assert!(stdout.contains("\n  (fallback: low_confidence \u{2014} the query is returned unchanged)\n"), "{stdout}");
+    // Unguarded: the plain split, no threshold, no grounding.
+    let value = json(
+        ok(&qclient(&["--addr", low_confidence_server(), "reformulate", "--json", "--unguarded", query], None)).trim(),
+    );
+    assert_eq!((&value["fallback_reason"], &value["grounded"]), (&Value::Null, &Value::Bool(false)), "{value}");
+}
+
+#[test]
 fn bad_stdin_line_is_one_error_naming_the_line() {
     let output =
         qclient(&["--addr", server(), "reformulate", "--json"], Some(&format!("{}\n{{\"query\": 7}}\n", QUERIES[0])));
@@ -368,6 +409,16 @@ fn eval_json_has_overall_and_per_kind_rows() {
     }
     assert_eq!(report["latency_ms"]["count"], 3, "{report}");
     assert_percentiles_ordered(&report["latency_ms"]);
+    // The guards' rates and the echo baseline, row for row.
+    for row in std::iter::once(&report["overall"]).chain(report["per_kind"].as_array().unwrap()) {
+        for rate in ["degenerate_rate", "fallback_rate"] {
+            assert!(row[rate].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{rate}: {row}");
+        }
+        assert!(row["invented_rate"].is_null() || row["invented_rate"].as_f64().is_some(), "{row}");
+    }
+    assert_eq!(report["echo_overall"]["examples"], 3, "{report}");
+    assert_eq!(report["echo_overall"]["fallback_rate"], 1.0, "{report}");
+    assert_eq!(report["echo_per_kind"].as_array().map(Vec::len), Some(2), "{report}");
     let examples = report["examples"].as_array().unwrap();
     assert_eq!(examples.len(), 3, "{report}");
     assert_eq!(
@@ -388,6 +439,9 @@ fn eval_text_mode_prints_the_metric_table() {
     let header = stdout.lines().position(|l| l.contains("exact match")).unwrap_or_else(|| panic!("{stdout}"));
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"), "{stdout}");
+    for column in ["invented", "degenerate", "fallback", "echo ROUGE-L"] {
+        assert!(lines[header].contains(column), "{column}: {stdout}");
+    }
     assert!(lines[header + 1].contains("overall"), "{stdout}");
     assert!(lines[header + 2].contains("expansion"), "{stdout}");
     assert!(stdout.contains("p99"), "{stdout}");
