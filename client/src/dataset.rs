@@ -132,8 +132,8 @@ pub fn parse_labelled(text: &str) -> Result<Vec<LabelledExample>, DatasetError> 
     Ok(examples)
 }
 
-/// The corpus format, split by the rule the server applies to the model's output
-/// (`qreformulate::subqueries::split`: trimmed, whitespace collapsed, duplicates dropped);
+/// The corpus format, split by the plain rule (`qreformulate::subqueries::split`: trimmed,
+/// whitespace collapsed, duplicates dropped; what the server answers to an unguarded request);
 /// empty when there is no non-blank part.
 pub fn split_subqueries(joined: &str) -> Vec<String> {
     qreformulate::subqueries::split(joined, "").into_iter().filter(|part| !part.is_empty()).collect()
