@@ -672,20 +672,9 @@ mod tests {
         use qreformulate::grounding::WordRules;
 
         use super::super::*;
-        use crate::engine::grounding::GroundingModel;
+        use crate::engine::grounding::{tests::toy_model as toy, GroundingModel};
 
         const QUERY: &str = "How long did Nikola Tesla live?";
-
-        /// The golden file's toy vocabulary and rules (tests/golden/grounding.json).
-        fn toy() -> (Arc<GroundingModel>, Vec<String>) {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/grounding.json");
-            let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-            let rules = Arc::new(WordRules::parse(&golden["rules"].to_string()).unwrap());
-            let pieces: Vec<String> =
-                golden["tokens"]["pieces"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().into()).collect();
-            let with_ids: Vec<Option<String>> = pieces.iter().cloned().map(Some).collect();
-            (Arc::new(GroundingModel::new(&with_ids, &[0, 1, 2], 1, rules)), pieces)
-        }
 
         fn id(pieces: &[String], piece: &str) -> usize {
             pieces.iter().position(|p| p == piece).unwrap()

@@ -211,7 +211,7 @@ impl Grounding {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::Value;
 
     use super::*;
@@ -221,8 +221,8 @@ mod tests {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
-    /// The golden file's toy vocabulary under its rules.
-    fn toy_model() -> (Arc<GroundingModel>, Vec<String>) {
+    /// The golden file's toy vocabulary under its rules (end-of-sequence is id 1).
+    pub(crate) fn toy_model() -> (Arc<GroundingModel>, Vec<String>) {
         let g = golden();
         let rules = Arc::new(WordRules::parse(&g["rules"].to_string()).unwrap());
         let t = &g["tokens"];
