@@ -33,15 +33,18 @@ def score(answers: list[tuple[list[str], str]], examples: list[Example], rules: 
     """answers: (subqueries, fallback reason) per example."""
     table = MetricTable()
     for (subs, reason), ex in zip(answers, examples):
+        # Invented and degenerate judge what the model wrote; a fallback is the user's query.
+        written = reason == grounding.NONE
         table.add(subs, ex.subqueries, ex.kind,
-                  invented=grounding.has_invented_word(subs, ex.query, rules) if rules else None,
-                  degenerate=grounding.is_degenerate(subs, ex.query, rules),
-                  fallback=reason != grounding.NONE)
+                  invented=(written and grounding.has_invented_word(subs, ex.query, rules)) if rules else None,
+                  degenerate=written and grounding.is_degenerate(subs, ex.query, rules),
+                  fallback=not written)
     return [row.as_dict() for row in table.rows()]
 
 
 def echo_answers(examples: list[Example]) -> list[tuple[list[str], str]]:
-    return [([ex.query], grounding.NONE) for ex in examples]
+    """The echo baseline: an answer that always falls back to the query."""
+    return [([ex.query], "ECHO") for ex in examples]
 
 
 def predict(model: OnnxT5, queries: list[str], guarded: bool = True) -> tuple[list[tuple[list[str], str]], float]:

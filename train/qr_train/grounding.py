@@ -81,7 +81,7 @@ def query_words(query: str) -> set[bytes]:
     out: set[bytes] = set()
     for raw in query.split():
         core = _strip_edges(raw)
-        forms = [core, _depossess(core), raw.rstrip("?!,;:"), *_runs(core)]
+        forms = [raw, core, _depossess(core), raw.rstrip("?!,;:"), *_runs(core)]
         for form in forms:
             if form:
                 out.add(fold(form))
@@ -119,7 +119,8 @@ class Rules:
     guards: dict = field(default_factory=lambda: dict(DEFAULT_GUARDS))
     min_mean_logprob: float | None = None
     has_vocabulary: bool = False
-    _known_by_len: dict[int, list[str]] = field(default_factory=dict, repr=False)
+    # Known words by every string left after deleting up to 2 of their characters.
+    _known_by_len: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, data: dict) -> "Rules":
@@ -136,7 +137,8 @@ class Rules:
         )
         for w in rules.known:
             text = w.decode("utf-8", "replace")
-            rules._known_by_len.setdefault(len(text), []).append(text)
+            for key in _deletions(text, 2):
+                rules._known_by_len.setdefault(key, []).append(text)
         return rules
 
     @classmethod
@@ -157,11 +159,21 @@ class Rules:
                     continue
                 limit = 2 if len(form) >= long_len else 1
                 folded = fold(form).decode("utf-8")
-                for length in range(len(form) - limit, len(form) + limit + 1):
-                    for k in self._known_by_len.get(length, ()):
+                # Two words within distance d share a string reachable by at most d deletions
+                # from each: look those up instead of comparing with every known word.
+                for key in _deletions(folded, limit):
+                    for k in self._known_by_len.get(key, ()):
                         if osa_distance(folded, k, limit) <= limit:
                             out.add(k.encode("utf-8"))
         return out
+
+
+def _deletions(word: str, depth: int) -> set[str]:
+    out, frontier = {word}, {word}
+    for _ in range(depth):
+        frontier = {w[:i] + w[i + 1:] for w in frontier for i in range(len(w))}
+        out |= frontier
+    return out
 
 
 class QueryContext:
