@@ -65,6 +65,8 @@ pub fn query_words(query: &str) -> HashSet<Vec<u8>> {
     };
     for raw in tokens(query) {
         let core = core(raw);
+        // The token as written: the query returned as it is holds no ungrounded word.
+        add(raw);
         add(core);
         add(strip_possessive(core));
         add(raw.trim_end_matches(TRAILING_PUNCTUATION));
