@@ -42,7 +42,7 @@ from server import QServer, ServerError, install_sigterm_handler, version  # noq
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "pytorch", "optimum-fp32", "optimum-int8", "ct2", "loop")
 DONE = ".complete"
-CONSTRAINT_FILE = "constraint.json"  # qr_train.constraint.FILE_NAME: read by qserver, not by the peers
+GROUNDING_FILE = "grounding.json"  # qr_train.grounding.FILE_NAME: read by qserver, not by the peers
 
 
 def log(msg: str) -> None:
@@ -138,13 +138,13 @@ def link_checkpoint(model_dir: Path, checkpoint: Path) -> None:
         link.symlink_to(os.path.relpath(checkpoint, model_dir))
 
 
-def without_constraint(model_dir: Path, out: Path) -> Path:
-    """A directory of symbolic links to model_dir's entries, constraint.json left out."""
+def without_grounding(model_dir: Path, out: Path) -> Path:
+    """A directory of symbolic links to model_dir's entries, grounding.json left out."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for f in model_dir.iterdir():
-        if f.name != CONSTRAINT_FILE:
+        if f.name != GROUNDING_FILE:
             (out / f.name).symlink_to(f.resolve())
     return out
 
@@ -224,7 +224,7 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
                  wanted: set[str], constrained: bool = False, onnx_decoder: bool = False) -> None:
     """qserver (1 worker, 1 thread, no cache) on model_dir: over gRPC and through the Benchmark RPC.
 
-    constrained=True is the model directory as shipped, constraint.json included: one extra gRPC row.
+    constrained=True is the model directory as shipped, grounding.json included: one extra gRPC row.
     onnx_decoder=True runs the decoder steps on ONNX Runtime instead of the native decoder: one gRPC row.
     """
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
@@ -241,9 +241,9 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
                  f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
         runs = [r for r in runs if r[0] in wanted]
     elif constrained:
-        runs = [("ours-grpc-constraint", "qserver (gRPC, shipped dir with constraint.json)", ["--concurrency", "1"],
-                 f"{detail_cmd}: the model directory as shipped, so qserver applies the capitalised-word "
-                 f"constraint of its constraint.json (the peers decode plain greedy); "
+        runs = [("ours-grpc-constraint", "qserver (gRPC, shipped dir with grounding.json)", ["--concurrency", "1"],
+                 f"{detail_cmd}: the model directory as shipped, so qserver applies grounded decoding and "
+                 f"the output guards of its grounding.json (the peers decode plain greedy); "
                  f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
         if "ours-grpc" not in wanted:
             return
@@ -323,7 +323,7 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
     import engines
 
     n, fixed, t = section.max_new_tokens, section.fixed, args.threads
-    # qserver reads constraint.json when the model directory has one; the peers cannot. For equal work
+    # qserver reads grounding.json when the model directory has one; the peers cannot. For equal work
     # it runs on a copy without it (files["server"]), and once more on the directory as shipped.
     measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted)
     if files.get("server"):
@@ -588,12 +588,12 @@ def main(argv=None) -> int:
         notes.append(missing + ": PyTorch, Optimum fp32 and CTranslate2 were not measured on this model "
                      "(pass --checkpoint DIR).")
     shipped_dir_key = hashlib.sha256(str(args.model.resolve()).encode()).hexdigest()[:8]
-    if (args.model / CONSTRAINT_FILE).exists():
-        shipped["server"] = without_constraint(args.model.resolve(), work / f"plain-{shipped_dir_key}" / args.model.name)
-        notes.append(f"`{rel(args.model)}` ships a {CONSTRAINT_FILE} (capitalised-word constraint), which qserver "
+    if (args.model / GROUNDING_FILE).exists():
+        shipped["server"] = without_grounding(args.model.resolve(), work / f"plain-{shipped_dir_key}" / args.model.name)
+        notes.append(f"`{rel(args.model)}` ships a {GROUNDING_FILE} (grounded decoding and output guards), which qserver "
                      "applies and the peers cannot. The rows *qserver (gRPC, end to end)* and *qserver (in-process)* run "
                      f"on a copy of the directory without it (`{rel(shipped['server'])}`, plain greedy like every "
-                     "peer); the row *qserver (gRPC, shipped dir with constraint.json)* is the directory as shipped.")
+                     "peer); the row *qserver (gRPC, shipped dir with grounding.json)* is the directory as shipped.")
     title = f"Shipped model `{rel(args.model)}`"
     section = Section("shipped", title, f"shipped model ({rel(args.model)}), natural length",
                       f"{describe_model(args.model)}. Natural-length greedy decoding, at most "
