@@ -77,9 +77,10 @@ pub fn query_words(query: &str) -> HashSet<Vec<u8>> {
     out
 }
 
-/// Guard sizes (docs/grounding.md, "Guards", step 3 and 6).
+/// Guard sizes (docs/grounding.md, "Guards", step 3 and 6). A field the file leaves out
+/// takes its default (as in `qr_train.grounding`); a field it misspells is an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Guards {
     pub max_subquery_words: usize,
     pub max_word_repeats: usize,
@@ -93,9 +94,9 @@ impl Default for Guards {
     }
 }
 
-/// When a misspelled query word may stand for a known word.
+/// When a misspelled query word may stand for a known word (missing fields: the defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FuzzySettings {
     /// Shorter query words are never corrected.
     pub min_len: usize,
@@ -466,9 +467,13 @@ mod tests {
         let stopwords: HashSet<Vec<u8>> = strings(&d["stopwords"]).iter().map(|w| fold(w)).collect();
         assert_eq!(rules.stopwords, stopwords);
         assert!(!rules.grounded() && rules.min_mean_logprob.is_none());
-        // A file that leaves the optional sections out gets the same defaults.
+        // A file that leaves the optional sections out gets the same defaults, field by field.
         let file = GroundingFile::parse(r#"{"version": 1, "generative_words": [], "known_words": []}"#).unwrap();
         assert_eq!((file.guards, file.fuzzy, file.stopwords.len()), (guards, fuzzy, 21));
+        let partial = r#"{"version": 1, "generative_words": [], "known_words": [], "guards": {"max_subqueries": 2}}"#;
+        assert_eq!(GroundingFile::parse(partial).unwrap().guards, Guards { max_subqueries: 2, ..guards });
+        let typo = r#"{"version": 1, "generative_words": [], "known_words": [], "guards": {"max_subquery": 2}}"#;
+        assert!(GroundingFile::parse(typo).unwrap_err().to_string().contains("unknown field `max_subquery`"));
     }
 
     #[test]
