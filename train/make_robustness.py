@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 from pathlib import Path
 
 SEED = 20261130
 PER_KIND = 55
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "train"))
+from qr_train.traffic import echo_target, typo  # noqa: E402  (standard library only, like this script)
 OUT = REPO_ROOT / "datasets" / "robustness.jsonl"
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "datasets" / "query-reformulation" / "corpus.jsonl"
 
@@ -101,8 +102,6 @@ OPEN = [
     "how to sharpen garden shears", "how to make a budget spreadsheet", "best time to plant garlic",
     "how to get wax out of carpet", "tips for better sleep", "how to start a compost pile", "how to clean a yoga mat",
 ]
-_EDGE = re.compile(r"^[^\w]+|[^\w]+$")
-_NEIGHBOUR = dict(zip("abcdefghijklmnopqrstuvwxyz", "sbvsrdfgujjklnpoowadyvbecs"))
 
 
 def name_of(display: str) -> str:
@@ -111,17 +110,7 @@ def name_of(display: str) -> str:
 
 
 def echo(query: str) -> str:
-    return " ".join(w for w in (_EDGE.sub("", t) for t in query.split()) if w)
-
-
-def typo(word: str, rng: random.Random) -> str:
-    i = rng.randrange(1, len(word) - 1)
-    op = rng.randrange(3)
-    if op == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
-    if op == 1:
-        return word[:i] + word[i + 1:]
-    return word[:i] + _NEIGHBOUR.get(word[i], word[i]) + word[i + 1:]
+    return echo_target(query)[0]
 
 
 class Maker:
@@ -183,13 +172,15 @@ class Maker:
 def generate() -> list[dict]:
     m = Maker(SEED)
     rows: list[dict] = []
+    seen: set[str] = set()  # unique across kinds: a typo that changes nothing repeats a question
     for kind in ("single", "keyword", "lowercase", "misspelled", "long"):
-        seen: set[str] = set()
-        while len(seen) < PER_KIND:
+        made = 0
+        while made < PER_KIND:
             row = getattr(m, kind)()
-            if row["query"] not in seen:
-                seen.add(row["query"])
+            if row["query"] not in seen and row["query"].lower() not in seen:
+                seen.update((row["query"], row["query"].lower()))
                 rows.append(row)
+                made += 1
     rows += [m.open(i) for i in range(PER_KIND)]
     return rows
 
