@@ -69,7 +69,7 @@ pub fn sanitize(text: &str, query: &str, rules: Option<&WordRules>, mean_logprob
 pub fn sanitize_in(text: &str, query: &str, ctx: &QueryContext<'_>, mean_logprob: Option<f64>) -> Answer {
     let rules = ctx.rules;
     let guards = &rules.guards;
-    let mut kept: Vec<(String, HashSet<Vec<u8>>)> = Vec::new();
+    let mut kept: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let (mut any_part, mut ungrounded, mut off_topic) = (false, false, false);
     for part in parts(text) {
         any_part = true;
@@ -83,18 +83,18 @@ pub fn sanitize_in(text: &str, query: &str, ctx: &QueryContext<'_>, mean_logprob
         if keep == 0 {
             continue;
         }
-        let set: HashSet<Vec<u8>> = folded[..keep].iter().cloned().collect();
-        if !on_topic(&set, ctx, kept.last().map(|(_, s)| s)) {
+        let run = &folded[..keep];
+        if !on_topic(run, ctx, kept.last().map(|(_, s)| s.as_slice())) {
             off_topic = true;
             continue;
         }
-        if kept.iter().any(|(_, s)| set.is_subset(s)) {
+        if kept.iter().any(|(_, s)| contains_run(s, run)) {
             continue;
         }
         if kept.len() == guards.max_subqueries {
             break;
         }
-        kept.push((words[..keep].join(" "), set));
+        kept.push((words[..keep].join(" "), run.to_vec()));
     }
     if !any_part {
         return Answer::fallback(query, FallbackReason::Empty);
@@ -145,12 +145,26 @@ fn cut_length(folded: &[Vec<u8>], rules: &WordRules) -> usize {
     folded.len()
 }
 
-/// Step 4: the part shares a folded non-stopword with the query's words (and their fuzzy
-/// matches) or with the previous kept part.
-fn on_topic(set: &HashSet<Vec<u8>>, ctx: &QueryContext<'_>, previous: Option<&HashSet<Vec<u8>>>) -> bool {
-    set.iter()
-        .filter(|w| !ctx.rules.stopwords.contains(*w))
-        .any(|w| ctx.words.contains(w) || previous.is_some_and(|p| p.contains(w)))
+/// Bytes two words share at the start to count as related in step 4 (`textiles`, `Textile`).
+const RELATED_PREFIX: usize = 5;
+
+fn related(a: &[u8], b: &[u8]) -> bool {
+    a == b || (a.len() >= RELATED_PREFIX && b.len() >= RELATED_PREFIX && a[..RELATED_PREFIX] == b[..RELATED_PREFIX])
+}
+
+/// Step 4: a folded non-stopword of the part is related to one of the query's words (and
+/// their fuzzy matches) or of the previous kept part.
+fn on_topic(part: &[Vec<u8>], ctx: &QueryContext<'_>, previous: Option<&[Vec<u8>]>) -> bool {
+    part.iter().filter(|w| !ctx.rules.stopwords.contains(*w)).any(|w| {
+        ctx.words.contains(w)
+            || ctx.words.iter().any(|a| related(w, a))
+            || previous.is_some_and(|p| p.iter().any(|a| related(w, a)))
+    })
+}
+
+/// Step 5: `run` occurs as a contiguous run of words inside `kept` (equal included).
+fn contains_run(kept: &[Vec<u8>], run: &[Vec<u8>]) -> bool {
+    run.len() <= kept.len() && kept.windows(run.len()).any(|window| window == run)
 }
 
 fn folded_words(subquery: &str) -> Vec<Vec<u8>> {
@@ -168,20 +182,19 @@ pub fn is_degenerate_in<S: AsRef<str>>(subqueries: &[S], ctx: &QueryContext<'_>)
     if subqueries.len() > ctx.rules.guards.max_subqueries {
         return true;
     }
-    let mut sets: Vec<HashSet<Vec<u8>>> = Vec::with_capacity(subqueries.len());
+    let mut seen: Vec<Vec<Vec<u8>>> = Vec::with_capacity(subqueries.len());
     for subquery in subqueries {
         let folded = folded_words(subquery.as_ref());
         if cut_length(&folded, ctx.rules) < folded.len() {
             return true;
         }
-        let set: HashSet<Vec<u8>> = folded.into_iter().collect();
-        if set.is_empty() || !on_topic(&set, ctx, sets.last()) {
+        if folded.is_empty() || !on_topic(&folded, ctx, seen.last().map(Vec::as_slice)) {
             return true;
         }
-        if sets.iter().any(|s| set.is_subset(s)) {
+        if seen.iter().any(|s| contains_run(s, &folded)) {
             return true;
         }
-        sets.push(set);
+        seen.push(folded);
     }
     false
 }

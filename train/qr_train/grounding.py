@@ -240,12 +240,10 @@ def sanitize(text: str, query: str, rules: Rules | None, mean_logprob: float | N
         if not words:
             dropped.add(DEGENERATE)
             continue
-        anchor = ctx.words | ({fold(w) for w in kept[-1]} if kept else set())
-        if not (ctx.content(words) & anchor):
+        if not _on_topic(ctx, words, kept[-1] if kept else None):
             dropped.add(OFF_TOPIC)
             continue
-        mine = {fold(w) for w in words}
-        if any(mine <= {fold(w) for w in k} for k in kept):
+        if any(_contains_run(k, words) for k in kept):
             continue
         kept.append(words)
     if not kept:
@@ -257,25 +255,42 @@ def sanitize(text: str, query: str, rules: Rules | None, mean_logprob: float | N
     return [" ".join(w) for w in kept], NONE
 
 
+RELATED_PREFIX = 5
+
+
+def _related(a: bytes, b: bytes) -> bool:
+    """Equal, or sharing the first RELATED_PREFIX bytes ('textiles' and 'textile')."""
+    return a == b or (len(a) >= RELATED_PREFIX and len(b) >= RELATED_PREFIX and a[:RELATED_PREFIX] == b[:RELATED_PREFIX])
+
+
+def _on_topic(ctx: "QueryContext", words: list[str], previous: list[str] | None) -> bool:
+    """Step 4: a content word of the part is related to a query word or a previous part's word."""
+    anchors = ctx.words | ({fold(w) for w in previous} if previous else set())
+    return any(w in anchors or any(_related(w, a) for a in anchors) for w in ctx.content(words))
+
+
+def _contains_run(kept: list[str], words: list[str]) -> bool:
+    """Step 5: `words` (folded) occur as a contiguous run inside `kept`."""
+    k, w = [fold(x) for x in kept], [fold(x) for x in words]
+    return any(k[i:i + len(w)] == w for i in range(len(k) - len(w) + 1))
+
+
 def is_degenerate(subqueries: Sequence[str], query: str, rules: Rules | None) -> bool:
     """The served subqueries break a guard of step 3, 4, 5 or 6 (the degenerate-rate metric)."""
     ctx = QueryContext(query, rules)
     guards = ctx.rules.guards
     if len(subqueries) > guards["max_subqueries"]:
         return True
-    previous: set[bytes] = set()
-    sets: list[set[bytes]] = []
+    seen: list[list[str]] = []
     for sub in subqueries:
         words = sub.split()
         if not words or _cut(words, guards) != words:
             return True
-        if not (ctx.content(words) & (ctx.words | previous)):
+        if not _on_topic(ctx, words, seen[-1] if seen else None):
             return True
-        mine = {fold(w) for w in words}
-        if any(mine <= s for s in sets):
+        if any(_contains_run(k, words) for k in seen):
             return True
-        sets.append(mine)
-        previous = mine
+        seen.append(words)
     return False
 
 
@@ -430,17 +445,34 @@ def _repeats_ngram(folded: list[bytes], n: int) -> bool:
 
 
 def check_on(rules: Rules, rows: list[Example]) -> dict:
-    """How many references the guards would change (chosen sizes checked on the validation split)."""
+    """How many references the guards alone, and grounding with them, would change."""
+    guards_only = Rules(guards=rules.guards, stopwords=rules.stopwords)
+    changed_by_guards = sum(sanitize(ex.target, ex.query, guards_only)[0] != list(ex.subqueries) for ex in rows)
     changed = sum(sanitize(ex.target, ex.query, rules)[0] != list(ex.subqueries) for ex in rows)
     degenerate = sum(is_degenerate(list(ex.subqueries), ex.query, rules) for ex in rows)
     invented = sum(has_invented_word(list(ex.subqueries), ex.query, rules) for ex in rows)
-    return {"rows": len(rows), "changed_by_guards": changed, "flagged_degenerate": degenerate,
-            "with_ungrounded_word": invented}
+    return {"rows": len(rows), "changed_by_guards": changed_by_guards, "changed_by_grounding_and_guards": changed,
+            "flagged_degenerate": degenerate, "with_ungrounded_word": invented}
+
+
+def choose_guards(loosest: dict, val: list[Example]) -> dict:
+    """Tighten each guard from the training data's extremes while it changes no more validation
+    references than the loosest setting does (the extremes are often one noisy row)."""
+    def changed(guards: dict) -> int:
+        rules = Rules(guards=guards)
+        return sum(sanitize(ex.target, ex.query, rules)[0] != list(ex.subqueries) for ex in val)
+
+    guards, floor = dict(loosest), changed(loosest)
+    for key, lowest in (("no_repeat_ngram", 2), ("max_word_repeats", 1), ("max_subquery_words", 1), ("max_subqueries", 1)):
+        while guards[key] > lowest and changed({**guards, key: guards[key] - 1}) <= floor:
+            guards[key] -= 1
+    return guards
 
 
 def write(model_dir: Path, corpus: Path = DEFAULT_CORPUS) -> tuple[Path, dict]:
     train, val = training_rows(corpus)
     data = learn(train)
+    data["guards"] = choose_guards(data["guards"], val)
     path = Path(model_dir) / FILE_NAME
     path.write_text(json.dumps(data, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     return path, check_on(Rules.from_json(data), val)

@@ -89,3 +89,12 @@ def test_learned_sizes_hold_every_training_target():
     rules = g.Rules.from_json(data)
     for ex in rows:
         assert g.sanitize(ex.target, ex.query, rules) == (list(ex.subqueries), g.NONE)
+
+
+def test_guards_are_tightened_only_while_validation_references_survive():
+    from qr_train.corpus import Example
+    val = [Example("Where is Lake X?", ("Lake X Located In Country Country",)),
+           Example("Who is older, Ada or Bo?", ("Ada Birth Date", "Bo Birth Date"))]
+    loosest = {"max_subquery_words": 12, "max_word_repeats": 3, "no_repeat_ngram": 4, "max_subqueries": 9}
+    assert g.choose_guards(loosest, val) == {"max_subquery_words": 6, "max_word_repeats": 2, "no_repeat_ngram": 2,
+                                             "max_subqueries": 2}
