@@ -407,7 +407,7 @@ def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
     return train + traffic, splits["validation"]
 
 
-def learn(train: list[Example], min_targets: int = 2) -> dict:
+def learn(train: list[Example], min_targets: int = 1) -> dict:
     """The file's content: vocabularies and guard sizes from the training targets."""
     generative: dict[bytes, set] = defaultdict(set)
     known: set[bytes] = set()

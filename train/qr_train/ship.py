@@ -104,8 +104,8 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
     gpu_note = ("\n- This checkpoint: run `d256-aug60` of `train/scripts/device_sweep.sh` (three sizes trained side\n"
                 "  by side on one GPU, `--minutes 7`), fp16 copy brought back, then exported and evaluated on\n"
                 "  CPU by `python -m qr_train.ship --skip-train --run runs/gpu-d256`." if on_gpu else "")
-    init_note = (f"\n- This checkpoint: the previous shipped checkpoint (`{a['init']}`, trained from scratch on a lent GPU)\n"
-                 f"  fine-tuned on {hardware} with traffic-shaped rows mixed in (`qr_train.traffic`, rate {a.get('traffic_rate')}):\n"
+    init_note = (f"\n- This checkpoint: `{a['init']}` fine-tuned on {hardware} with traffic-shaped rows mixed in\n"
+                 f"  (`qr_train.traffic`, rate {a.get('traffic_rate')}):\n"
                  f"  `python -m qr_train.train --init ... --minutes {a.get('minutes')} --batch-size {a['batch_size']} --lr {a['lr']}`,\n"
                  "  then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
     shape = (f"T5 (v1.1 style: gated-GELU, untied lm_head), d_model {a['d_model']}, {a['encoder_layers']} encoder + "
