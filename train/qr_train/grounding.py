@@ -120,7 +120,7 @@ class Rules:
     min_mean_logprob: float | None = None
     has_vocabulary: bool = False
     # Known words by every string left after deleting up to 2 of their characters.
-    _known_by_len: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _known_by_deletion: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, data: dict) -> "Rules":
@@ -138,7 +138,7 @@ class Rules:
         for w in rules.known:
             text = w.decode("utf-8", "replace")
             for key in _deletions(text, 2):
-                rules._known_by_len.setdefault(key, []).append(text)
+                rules._known_by_deletion.setdefault(key, []).append(text)
         return rules
 
     @classmethod
@@ -162,7 +162,7 @@ class Rules:
                 # Two words within distance d share a string reachable by at most d deletions
                 # from each: look those up instead of comparing with every known word.
                 for key in _deletions(folded, limit):
-                    for k in self._known_by_len.get(key, ()):
+                    for k in self._known_by_deletion.get(key, ()):
                         if osa_distance(folded, k, limit) <= limit:
                             out.add(k.encode("utf-8"))
         return out
