@@ -19,11 +19,24 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 common=(--corpus "$corpus" --tokenizer "$tokenizer" --minutes "$minutes" --batch-size 256
         --warmup-steps 400 --eval-every "${EVAL_EVERY:-1000}" --val-sample 300 --val-loss-rows 600
         --gen-batch-size 320 --seed 13 --data-workers "$workers" --threads 1)
-declare -A sizes=(
+# SWEEP=scratch (default): from-scratch sizes, the run the first shipped model came from.
+# SWEEP=traffic: fine-tune the shipped checkpoint (INIT) with traffic-shaped rows, and one
+# from-scratch run with them, for the grounding issue's retraining (MODEL_CARD.md, history).
+init=${INIT:-../models/qreformulate-t5/pytorch}
+declare -A sizes
+if [ "${SWEEP:-scratch}" = traffic ]; then
+  sizes=(
+  [ft-lr5-aug85]="--init $init --lr 5e-4 --warmup-steps 200 --aug-rate 0.85 --traffic-rate 0.8"
+  [ft-lr3-aug60]="--init $init --lr 3e-4 --warmup-steps 200 --aug-rate 0.6 --traffic-rate 0.8"
+  [scratch-aug85]="--d-model 256 --num-heads 8 --d-kv 32 --d-ff 768 --encoder-layers 4 --decoder-layers 3 --lr 1.5e-3 --aug-rate 0.85 --traffic-rate 0.6"
+  )
+else
+  sizes=(
   [d384-aug60]="--d-model 384 --num-heads 6 --d-kv 64 --d-ff 1024 --encoder-layers 6 --decoder-layers 3 --lr 1e-3 --aug-rate 0.6"
   [d384-aug85]="--d-model 384 --num-heads 6 --d-kv 64 --d-ff 1024 --encoder-layers 6 --decoder-layers 3 --lr 1e-3 --aug-rate 0.85"
   [d256-aug60]="--d-model 256 --num-heads 8 --d-kv 32 --d-ff 768 --encoder-layers 4 --decoder-layers 3 --lr 1.5e-3 --aug-rate 0.6"
-)
+  )
+fi
 if [ -n "${TINY:-}" ]; then  # a smoke test of this script on a CPU
   for k in "${!sizes[@]}"; do sizes[$k]="--d-model 32 --num-heads 2 --d-kv 8 --d-ff 64 --encoder-layers 1 --decoder-layers 1 --aug-rate 0.6 --limit-val 120"; done
 fi
