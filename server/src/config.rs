@@ -4,7 +4,7 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::engine::DecoderKind;
+use crate::engine::{native::kernels::Kernel, DecoderKind};
 
 /// The model shipped with the repository.
 pub const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5");
@@ -48,6 +48,11 @@ pub struct Config {
     /// when the checkpoint exists).
     #[arg(long, env = "QSERVER_DECODER", value_enum, default_value_t = DecoderKind::Auto)]
     pub decoder: DecoderKind,
+
+    /// The native decoder's int8 kernel: the fastest the CPU supports when unset. Set it to
+    /// compare kernels side by side; a kernel the CPU cannot run is refused at start-up.
+    #[arg(long, env = "QSERVER_NATIVE_KERNEL", value_enum)]
+    pub native_kernel: Option<Kernel>,
 
     /// Threads per generation: ONNX Runtime intra-op threads per session (spinning is turned
     /// off above 1) and the native decoder's threads per worker.
@@ -128,6 +133,7 @@ mod tests {
         assert!(c.model.ends_with("models/qreformulate-t5"));
         assert_eq!(c.intra_op_threads.get(), 1);
         assert_eq!(c.decoder, DecoderKind::Auto);
+        assert_eq!(c.native_kernel, None);
         assert_eq!(c.max_concurrent_requests.get(), 64);
         assert_eq!(c.max_query_chars.get(), 2000);
         assert_eq!(c.max_input_tokens.get(), 256);
@@ -150,6 +156,9 @@ mod tests {
         let c = Config::try_parse_from(["qserver", "--decoder", "onnx"]).unwrap();
         assert_eq!(c.decoder, DecoderKind::Onnx);
         assert!(Config::try_parse_from(["qserver", "--decoder", "gpu"]).is_err());
+        let c = Config::try_parse_from(["qserver", "--native-kernel", "avx512-vnni"]).unwrap();
+        assert_eq!(c.native_kernel, Some(Kernel::Avx512Vnni));
+        assert!(Config::try_parse_from(["qserver", "--native-kernel", "neon"]).is_err());
         assert!(Config::try_parse_from(["qserver", "--max-input-tokens", "0"]).is_err());
     }
 

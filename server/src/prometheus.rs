@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus::{
     proto::{Counter, Gauge, Metric, MetricFamily, MetricType},
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use qreformulate::guards::FallbackReason;
 use tokio::net::TcpListener;
@@ -27,6 +27,7 @@ pub struct Metrics {
     latency: HistogramVec,
     generated_tokens: IntCounter,
     fallbacks: IntCounterVec,
+    build_info: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -61,15 +62,28 @@ impl Metrics {
         for reason in FallbackReason::ALL {
             fallbacks.with_label_values(&[reason.name()]);
         }
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "1, labelled with the server version, who runs the decoder steps and its int8 kernel."),
+            &["version", "decoder", "kernel"],
+        )
+        .expect("constant metric definition; this is a bug");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(generated_tokens.clone()),
             Box::new(fallbacks.clone()),
         ] {
             registry.register(c).expect("each metric is registered once; this is a bug");
         }
-        Self { registry, requests, latency, generated_tokens, fallbacks }
+        Self { registry, requests, latency, generated_tokens, fallbacks, build_info }
+    }
+
+    /// Set once the model is loaded: `decoder` is `native` or `onnx`; `kernel` is the native
+    /// decoder's int8 kernel (`none` when ONNX Runtime runs the steps).
+    pub fn set_build_info(&self, decoder: &str, kernel: Option<&str>) {
+        self.build_info.reset();
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), decoder, kernel.unwrap_or("none")]).set(1);
     }
 
     /// One finished RPC.
@@ -186,6 +200,8 @@ mod tests {
         m.generated(17);
         m.fallback(FallbackReason::OffTopic);
         m.fallback(FallbackReason::OffTopic);
+        m.set_build_info("onnx", None);
+        m.set_build_info("native", Some("avx2"));
         let text = m.render(CacheStats { hits: 1, misses: 4, entries: 5 }, 2);
         for line in [
             r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#,
@@ -199,9 +215,12 @@ mod tests {
             "qreformulate_cache_misses_total 4",
             "qreformulate_cache_entries 5",
             "qreformulate_in_flight_requests 2",
+            concat!(r#"qreformulate_build_info{decoder="native",kernel="avx2",version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+        // Only the latest load is described.
+        assert!(!text.contains(r#"decoder="onnx""#), "{text}");
     }
 
     #[test]

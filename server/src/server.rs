@@ -15,6 +15,7 @@ use crate::config::Config;
 use qreformulate::grounding::GROUNDING_FILE;
 
 use crate::engine::{
+    native::kernels,
     onnx_t5::{self, OnnxT5, SessionSettings},
     pool::{EngineFactory, EnginePool},
     DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
@@ -52,6 +53,9 @@ pub async fn serve(
         Some(addr) => Some(crate::prometheus::bind(addr).await.map_err(ServerError::Config)?),
         None => None,
     };
+    if let Some(kernel) = config.native_kernel {
+        kernels::select(kernel).map_err(|e| ServerError::Config(format!("--native-kernel: {e}")))?;
+    }
     let env = runtime::init(config.ort_dylib.as_deref())?;
     let model = ModelDir::open(&config.model)?;
     let workers = config.worker_count();
@@ -94,6 +98,7 @@ pub async fn serve(
         let settings =
             SessionSettings { decoder: config.decoder, ..SessionSettings::new(config.intra_op_threads.get()) };
         let warmup = warmup_request(&config);
+        let build_info = Arc::clone(&shared);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = tokio::task::spawn_blocking(move || {
@@ -101,7 +106,19 @@ pub async fn serve(
                 let native = onnx_t5::load_native(&model, settings.decoder)?;
                 let decoder = if native.is_some() { DecoderKind::Native } else { DecoderKind::Onnx };
                 let streamed = native.as_ref().is_some_and(|n| n.streams_weights());
-                tracing::info!(?decoder, streamed_weights = streamed, "decoder steps run on {decoder:?}");
+                let kernel = kernels::kernel().name();
+                if native.is_some() {
+                    tracing::info!(
+                        ?decoder,
+                        streamed_weights = streamed,
+                        kernel,
+                        supported = %kernels::supported_names(),
+                        "decoder steps run on {decoder:?} with the {kernel} int8 kernel"
+                    );
+                } else {
+                    tracing::info!(?decoder, "decoder steps run on {decoder:?}");
+                }
+                build_info.metrics.set_build_info(&format!("{decoder:?}").to_lowercase(), native.is_some().then_some(kernel));
                 let factory: EngineFactory = Arc::new(move |_| {
                     OnnxT5::load_with(&env, &model, &settings, native.clone())
                         .map(|engine| Box::new(engine) as Box<dyn Engine>)

@@ -404,6 +404,11 @@ async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
         "qreformulate_cache_entries 1".to_owned(),
         format!("qreformulate_generated_tokens_total {tokens}"),
         "qreformulate_in_flight_requests 0".to_owned(),
+        format!(
+            r#"qreformulate_build_info{{decoder="native",kernel="{}",version="{}"}} 1"#,
+            qserver::engine::native::kernels::Kernel::detect().name(),
+            env!("CARGO_PKG_VERSION")
+        ),
     ] {
         assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
     }

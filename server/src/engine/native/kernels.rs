@@ -131,22 +131,115 @@ pub fn pool_threads() -> usize {
     }
 }
 
-/// Rows `first..first + y.len()` of `W x`, on this thread.
+/// The int8 GEMV kernels, fastest first. One is chosen per process from the CPU's features
+/// (`Kernel::detect`, or `select` before the first product); all give the scalar reference's
+/// results bit for bit, since they only reorder exact integer sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Kernel {
+    /// AVX-512 VNNI: `vpdpbusd`, 64 byte products summed into i32 lanes in one instruction.
+    Avx512Vnni,
+    /// AVX-512BW: `vpmaddubsw` + `vpmaddwd` on 64 bytes.
+    Avx512Bw,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` on 32 bytes.
+    Avx2,
+    /// Plain Rust: the reference every other kernel is tested against.
+    Scalar,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 4] = [Kernel::Avx512Vnni, Kernel::Avx512Bw, Kernel::Avx2, Kernel::Scalar];
+
+    /// Whether this CPU can run the kernel.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bw = || std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw");
+            match self {
+                Kernel::Avx512Vnni => bw() && std::is_x86_feature_detected!("avx512vnni"),
+                Kernel::Avx512Bw => bw(),
+                Kernel::Avx2 => std::is_x86_feature_detected!("avx2"),
+                Kernel::Scalar => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Scalar
+        }
+    }
+
+    /// The fastest kernel this CPU supports.
+    pub fn detect() -> Self {
+        Self::ALL.into_iter().find(|k| k.supported()).unwrap_or(Kernel::Scalar)
+    }
+
+    /// The name used in logs, metrics and `--native-kernel`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512Vnni => "avx512-vnni",
+            Kernel::Avx512Bw => "avx512-bw",
+            Kernel::Avx2 => "avx2",
+            Kernel::Scalar => "scalar",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+
+/// Fixes the process's kernel before the first product (a benchmark or `--native-kernel`).
+/// Refuses one the CPU cannot run, or a change after the kernel was already in use.
+pub fn select(kernel: Kernel) -> Result<Kernel, String> {
+    if !kernel.supported() {
+        return Err(format!("this CPU cannot run the {} kernel (supported: {})", kernel.name(), supported_names()));
+    }
+    let chosen = *KERNEL.get_or_init(|| kernel);
+    if chosen != kernel {
+        return Err(format!("the {} kernel is already in use; it is chosen once per process", chosen.name()));
+    }
+    Ok(chosen)
+}
+
+/// The process's kernel: the one selected, else the fastest the CPU supports.
+pub fn kernel() -> Kernel {
+    *KERNEL.get_or_init(Kernel::detect)
+}
+
+/// The kernels this CPU supports, comma-separated, fastest first.
+pub fn supported_names() -> String {
+    Kernel::ALL.into_iter().filter(|k| k.supported()).map(Kernel::name).collect::<Vec<_>>().join(", ")
+}
+
+/// Rows `first..first + y.len()` of `W x`, on this thread, with the process's kernel.
 pub fn gemv_rows(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
+    gemv_rows_with(kernel(), w, first, x, y)
+}
+
+/// Rows `first..first + y.len()` of `W x` with a given kernel (the tests run each one).
+pub fn gemv_rows_with(kernel: Kernel, w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
     assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
     assert!(first + y.len() <= w.rows, "rows out of range");
+    assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU supports AVX2 (checked at run time); ranges are asserted above.
+    {
+        use avx2_impl::{CACHE, STREAM};
+        // SAFETY: the CPU supports the kernel's instructions (asserted above); the row range is
+        // asserted above and every kernel reads only rows first..first + y.len().
         unsafe {
-            if w.streamed {
-                avx2_impl::gemv::<{ avx2_impl::STREAM }>(w, first, x, y)
-            } else {
-                avx2_impl::gemv::<{ avx2_impl::CACHE }>(w, first, x, y)
+            match (kernel, w.streamed) {
+                (Kernel::Avx512Vnni, true) => avx512_impl::gemv_vnni::<STREAM>(w, first, x, y),
+                (Kernel::Avx512Vnni, false) => avx512_impl::gemv_vnni::<CACHE>(w, first, x, y),
+                (Kernel::Avx512Bw, true) => avx512_impl::gemv_bw::<STREAM>(w, first, x, y),
+                (Kernel::Avx512Bw, false) => avx512_impl::gemv_bw::<CACHE>(w, first, x, y),
+                (Kernel::Avx2, true) => avx2_impl::gemv::<STREAM>(w, first, x, y),
+                (Kernel::Avx2, false) => avx2_impl::gemv::<CACHE>(w, first, x, y),
+                (Kernel::Scalar, _) => gemv_scalar(w, first, x, y),
             }
-        };
-        return;
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
     gemv_scalar(w, first, x, y);
 }
 
@@ -157,12 +250,6 @@ pub fn gemv_scalar(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]
         let dot: i32 = row.iter().zip(&x.q).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
         *out = dot as f32 * (w.scales[r] * x.scale);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2"))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -253,6 +340,97 @@ mod avx2_impl {
     }
 }
 
+/// The AVX-512 kernels: 64 columns per instruction, four rows at a time. AVX-512 has no
+/// `vpsignb`, so the weights take x's sign through a masked negation; |x| is the unsigned
+/// operand. Weights are never -128 (`quantize_into`), so the negation cannot overflow.
+#[cfg(target_arch = "x86_64")]
+mod avx512_impl {
+    use std::arch::x86_64::*;
+
+    use super::{QuantMatrix, QuantVector};
+
+    /// 64 products |x| * (w with x's sign) added into 16 i32 lanes, in one VNNI instruction.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot64_vnni(acc: __m512i, ax: __m512i, sw: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, ax, sw)
+    }
+
+    /// The same sums in two instructions: pairs (at most 2 * 127 * 127, no i16 saturation),
+    /// then pairs of pairs into i32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot64_bw(acc: __m512i, ax: __m512i, sw: __m512i) -> __m512i {
+        _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sw), _mm512_set1_epi16(1)))
+    }
+
+    /// x's 64 columns from `c` (fewer at the end: masked): |x|, x's sign mask, the load mask.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn x_block(x: &QuantVector, c: usize) -> (__m512i, __mmask64, __mmask64) {
+        let take = (x.q.len() - c).min(64);
+        let mask = if take == 64 { !0 } else { (1u64 << take) - 1 };
+        let xv = _mm512_maskz_loadu_epi8(mask, x.q.as_ptr().add(c));
+        (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv), mask)
+    }
+
+    /// 64 weights (masked like x's block), negated where x is negative.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn signed_weights(p: *const i8, neg: __mmask64, mask: __mmask64) -> __m512i {
+        let wv = _mm512_maskz_loadu_epi8(mask, p);
+        _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv)
+    }
+
+    macro_rules! gemv_kernel {
+        ($name:ident, $dot:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const HINT: i32>(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
+                let (rows, cols) = (y.len(), w.cols);
+                let data = &w.data[first * cols..(first + rows) * cols];
+                let scales = &w.scales[first..first + rows];
+                let wp = data.as_ptr();
+                let end = wp.add(data.len());
+                let mut r = 0;
+                while r + 4 <= rows {
+                    let base = wp.add(r * cols);
+                    let mut acc = [_mm512_setzero_si512(); 4];
+                    for c in (0..cols).step_by(64) {
+                        // The next four rows are 4 * cols bytes ahead: fetch 256 of them per block.
+                        let pf = base.wrapping_add(4 * cols + 4 * c);
+                        if pf < end {
+                            for line in 0..4 {
+                                _mm_prefetch::<HINT>(pf.wrapping_add(64 * line));
+                            }
+                        }
+                        let (ax, neg, mask) = x_block(x, c);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = $dot(*a, ax, signed_weights(base.add(i * cols + c), neg, mask));
+                        }
+                    }
+                    for (i, a) in acc.into_iter().enumerate() {
+                        y[r + i] = _mm512_reduce_add_epi32(a) as f32 * (scales[r + i] * x.scale);
+                    }
+                    r += 4;
+                }
+                while r < rows {
+                    let base = wp.add(r * cols);
+                    let mut a = _mm512_setzero_si512();
+                    for c in (0..cols).step_by(64) {
+                        let (ax, neg, mask) = x_block(x, c);
+                        a = $dot(a, ax, signed_weights(base.add(c), neg, mask));
+                    }
+                    y[r] = _mm512_reduce_add_epi32(a) as f32 * (scales[r] * x.scale);
+                    r += 1;
+                }
+            }
+        };
+    }
+
+    gemv_kernel!(gemv_vnni, dot64_vnni, "avx512f,avx512bw,avx512vnni");
+    gemv_kernel!(gemv_bw, dot64_bw, "avx512f,avx512bw");
+}
+
 /// T5's layer norm: scale only, no mean subtraction, no bias.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_sq = dot(x, x) / x.len() as f32;
@@ -315,10 +493,21 @@ mod tests {
             .collect()
     }
 
+    /// Every kernel this CPU runs; the ones it cannot are named on stderr as skipped.
+    fn supported_kernels() -> Vec<Kernel> {
+        let (run, skip): (Vec<Kernel>, Vec<Kernel>) = Kernel::ALL.into_iter().partition(|k| k.supported());
+        for k in &skip {
+            eprintln!("skipped: the {} kernel does not run on this CPU", k.name());
+        }
+        run
+    }
+
     #[test]
     fn simd_and_scalar_agree_on_every_shape() {
-        // Row counts around the 4-row block and column counts around the 32-byte body.
-        for (rows, cols) in [(1, 32), (3, 33), (4, 64), (7, 31), (9, 100), (64, 256), (130, 512)] {
+        // Row counts around the 4-row block; column counts around the 32- and 64-byte bodies.
+        for (rows, cols) in
+            [(1, 32), (3, 33), (4, 64), (7, 31), (9, 100), (64, 256), (130, 512), (5, 65), (8, 127), (6, 768), (4, 1)]
+        {
             let w = QuantMatrix::quantize(rows, cols, &pseudo_random(rows * cols, rows as u64));
             let mut x = QuantVector::default();
             x.set(&pseudo_random(cols, 99));
@@ -326,6 +515,11 @@ mod tests {
             gemv(&w, &x, &mut fast);
             gemv_scalar(&w, 0, &x, &mut slow);
             assert_eq!(fast, slow, "rows {rows} cols {cols}");
+            for kernel in supported_kernels() {
+                let mut via = vec![0f32; rows];
+                gemv_rows_with(kernel, &w, 0, &x, &mut via);
+                assert_eq!(via, slow, "{} kernel, rows {rows} cols {cols}", kernel.name());
+            }
             // Any row range on its own gives the same rows.
             let first = rows / 3;
             let mut part = vec![0f32; rows - first];
@@ -336,6 +530,54 @@ mod tests {
             let mut via_stream = vec![0f32; rows];
             gemv(&streamed, &x, &mut via_stream);
             assert_eq!(via_stream, slow, "streamed rows {rows} cols {cols}");
+            for kernel in supported_kernels() {
+                let mut via = vec![0f32; rows];
+                gemv_rows_with(kernel, &streamed, 0, &x, &mut via);
+                assert_eq!(via, slow, "{} kernel, streamed rows {rows} cols {cols}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_saturate_any_kernel() {
+        // Every product at +-127 * 127, in sign patterns that make the 16-bit pair sums largest.
+        let (rows, cols) = (12, 4096);
+        let w: Vec<f32> = (0..rows * cols).map(|i| if (i / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let x: Vec<f32> = (0..cols).map(|i| if i % 5 == 0 { -1.0 } else { 1.0 }).collect();
+        let w = QuantMatrix::quantize(rows, cols, &w);
+        let mut xq = QuantVector::default();
+        xq.set(&x);
+        let mut slow = vec![0f32; rows];
+        gemv_scalar(&w, 0, &xq, &mut slow);
+        for kernel in supported_kernels() {
+            let mut via = vec![0f32; rows];
+            gemv_rows_with(kernel, &w, 0, &xq, &mut via);
+            assert_eq!(via, slow, "{} kernel", kernel.name());
+        }
+    }
+
+    #[test]
+    fn kernels_are_named_and_detected_by_the_cpu() {
+        for k in Kernel::ALL {
+            assert_eq!(Kernel::from_name(k.name()), Some(k));
+        }
+        assert_eq!(Kernel::from_name("avx9"), None);
+        assert!(Kernel::Scalar.supported());
+        let best = Kernel::detect();
+        assert!(best.supported());
+        // Nothing faster than the detected kernel runs here.
+        assert!(Kernel::ALL.iter().take_while(|k| **k != best).all(|k| !k.supported()));
+        assert!(supported_names().contains(best.name()));
+    }
+
+    #[test]
+    fn the_kernel_is_chosen_once_per_process() {
+        // The first product (any test) or this select fixes the fastest kernel; changing it later is refused.
+        assert_eq!(select(Kernel::detect()), Ok(Kernel::detect()));
+        assert_eq!(kernel(), Kernel::detect());
+        if Kernel::detect() != Kernel::Scalar {
+            let err = select(Kernel::Scalar).unwrap_err();
+            assert!(err.contains("already in use"), "{err}");
         }
     }
 
