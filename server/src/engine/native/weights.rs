@@ -78,7 +78,7 @@ pub struct Layer {
 }
 
 /// Step weights above this size cannot stay in a last-level cache (8 MiB on the EPYC VM).
-const STREAM_ABOVE_BYTES: usize = 16 << 20;
+pub const STREAM_ABOVE_BYTES: usize = 16 << 20;
 
 pub struct Weights {
     pub shape: DecoderShape,

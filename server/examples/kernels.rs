@@ -1,0 +1,108 @@
+//! Int8 GEMV kernel micro-benchmark (docs/performance.md): the matrix-vector products of one
+//! decoder step of a model shape (random int8 weights), with every kernel this CPU supports,
+//! interleaved round by round on one thread; prints the median step time per kernel, its ratio
+//! to the scalar reference and the weight bytes streamed per second.
+//!
+//! `cargo run --release -p qserver --example kernels -- [shipped|flan-t5-small|flan-t5-base] [ROUNDS]`
+use std::time::Instant;
+
+use qserver::engine::native::{
+    kernels::{gemv_rows_with, Kernel, QuantMatrix, QuantVector},
+    weights::STREAM_ABOVE_BYTES,
+};
+
+/// (d_model, heads x d_kv, d_ff, decoder layers, vocab): the decoder of each shape, gated-GELU.
+fn shape(name: &str) -> (usize, usize, usize, usize, usize) {
+    match name {
+        "shipped" => (256, 256, 768, 3, 2048),
+        "flan-t5-small" => (512, 384, 1024, 8, 32128),
+        "flan-t5-base" => (768, 768, 2048, 12, 32128),
+        other => panic!("unknown shape {other:?}: shipped, flan-t5-small or flan-t5-base"),
+    }
+}
+
+fn random_matrix(rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    QuantMatrix::quantize(rows, cols, &w)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args.get(1).map_or("flan-t5-small", String::as_str);
+    let rounds: usize = args.get(2).map_or(30, |r| r.parse().expect("ROUNDS is a number"));
+    let (d, inner, ff, layers, vocab) = shape(name);
+    // One decoder step: per layer self q/k/v and out, cross q and out, gated FF in and out; the LM head.
+    let mut dims = Vec::new();
+    for _ in 0..layers {
+        dims.extend([(3 * inner, d), (d, inner), (inner, d), (d, inner), (2 * ff, d), (d, ff)]);
+    }
+    dims.push((vocab, d));
+    let mut mats: Vec<QuantMatrix> =
+        dims.iter().enumerate().map(|(i, &(r, c))| random_matrix(r, c, i as u64 + 1)).collect();
+    let bytes: usize = mats.iter().map(|m| m.data.len()).sum();
+    let streamed = bytes > STREAM_ABOVE_BYTES;
+    for m in &mut mats {
+        m.streamed = streamed;
+    }
+    let inputs: Vec<QuantVector> = mats
+        .iter()
+        .map(|m| {
+            let mut x = QuantVector::default();
+            x.set(&random_matrix(1, m.cols, 7).data.iter().map(|&q| f32::from(q)).collect::<Vec<_>>());
+            x
+        })
+        .collect();
+    let mut outputs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows]).collect();
+    let kernels: Vec<Kernel> = Kernel::ALL.into_iter().filter(|k| k.supported()).collect();
+    let skipped: Vec<&str> = Kernel::ALL.into_iter().filter(|k| !k.supported()).map(Kernel::name).collect();
+    println!(
+        "{name}: {} GEMVs per step, {:.1} MiB of int8 weights{}, {rounds} rounds, kernels {:?}, skipped (unsupported) {skipped:?}",
+        mats.len(),
+        bytes as f64 / (1 << 20) as f64,
+        if streamed { " (streamed)" } else { "" },
+        kernels.iter().map(|k| k.name()).collect::<Vec<_>>()
+    );
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); kernels.len()];
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    for round in 0..rounds + 2 {
+        // Alternate the order each round so no kernel always runs on a cache warmed by another.
+        let order: Vec<usize> =
+            if round % 2 == 0 { (0..kernels.len()).collect() } else { (0..kernels.len()).rev().collect() };
+        for &k in &order {
+            let started = Instant::now();
+            for ((m, x), y) in mats.iter().zip(&inputs).zip(outputs.iter_mut()) {
+                gemv_rows_with(kernels[k], m, 0, x, y);
+            }
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            if round >= 2 {
+                times[k].push(ms);
+            }
+            match &reference {
+                None => reference = Some(outputs.clone()),
+                Some(r) => assert!(r == &outputs, "the {} kernel gave other results", kernels[k].name()),
+            }
+        }
+    }
+    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+    let scalar = kernels.iter().position(|k| *k == Kernel::Scalar).map(|i| medians[i]);
+    for (k, ms) in kernels.iter().zip(&medians) {
+        println!(
+            "  {:<12} {:>8.3} ms/step  {:>5.2}x scalar  {:>6.1} GB/s",
+            k.name(),
+            ms,
+            scalar.map_or(f64::NAN, |s| s / ms),
+            bytes as f64 / (ms * 1e-3) / 1e9
+        );
+    }
+}
