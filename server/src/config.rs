@@ -73,8 +73,10 @@ pub struct Config {
     #[arg(long, env = "QSERVER_MAX_INPUT_TOKENS", default_value = "256")]
     pub max_input_tokens: NonZeroUsize,
 
-    /// Generated-token budget when a request leaves options.max_new_tokens at 0.
-    #[arg(long, env = "QSERVER_DEFAULT_MAX_NEW_TOKENS", default_value = "64")]
+    /// Generated-token budget when a request leaves options.max_new_tokens at 0. The training
+    /// targets are clipped at 96 tokens; at 64, answers naming three long or accented names lost
+    /// their third subquery.
+    #[arg(long, env = "QSERVER_DEFAULT_MAX_NEW_TOKENS", default_value = "96")]
     pub default_max_new_tokens: NonZeroUsize,
 
     /// Largest options.max_new_tokens a request may ask for.
@@ -137,7 +139,7 @@ mod tests {
         assert_eq!(c.max_concurrent_requests.get(), 64);
         assert_eq!(c.max_query_chars.get(), 2000);
         assert_eq!(c.max_input_tokens.get(), 256);
-        assert_eq!(c.default_max_new_tokens.get(), 64);
+        assert_eq!(c.default_max_new_tokens.get(), 96);
         assert_eq!(c.max_new_tokens_limit.get(), 256);
         assert_eq!(c.cache_capacity, 10_000);
         assert_eq!(c.grace_period_secs, 10);

@@ -15,6 +15,11 @@ from tokenizers import Tokenizer
 from . import grounding
 from .grounding import GroundingState, Rules, TokenGrounding
 
+# The server's default budget (`--default-max-new-tokens`). Training targets are clipped at 96
+# tokens (epochs.py); at 64, answers naming three long or accented names were cut in the third
+# subquery, whose partial part the guards then dropped.
+DEFAULT_MAX_NEW_TOKENS = 96
+
 
 class OnnxT5:
     def __init__(self, model_dir: Path | str, threads: int = 1):
@@ -47,7 +52,7 @@ class OnnxT5:
             special = [i for i, p in enumerate(pieces) if p in ("<pad>", "</s>", "<unk>")]
             self.grounding = TokenGrounding(pieces, self.rules, self.eos_id, special)
 
-    def generate_ids(self, input_ids: list[int], max_new_tokens: int = 64, ignore_eos: bool = False,
+    def generate_ids(self, input_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, ignore_eos: bool = False,
                      constraint: GroundingState | None = None, scores: bool = False) -> list[int]:
         """Greedy ids; with `scores`, each chosen token's log-prob lands in `self.last_logprobs`."""
         ids = np.asarray([input_ids], dtype=np.int64)
@@ -86,14 +91,14 @@ class OnnxT5:
                     cache[name.replace("present.", "past_key_values.")] = value
         return generated
 
-    def generate(self, query: str, max_new_tokens: int = 64, grounded: bool = True) -> str:
+    def generate(self, query: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, grounded: bool = True) -> str:
         """The model's text; grounded decoding when the model ships grounding.json and `grounded`."""
         ids = self.tokenizer.encode(query).ids
         state = self.grounding.for_query(query) if grounded and self.grounding else None
         out = self.generate_ids(ids, max_new_tokens, constraint=state, scores=True)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
-    def answer(self, query: str, max_new_tokens: int = 64) -> tuple[list[str], str, float]:
+    def answer(self, query: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[list[str], str, float]:
         """What the server answers: (subqueries, fallback reason, mean token log-prob)."""
         text = self.generate(query, max_new_tokens)
         mean_logprob = float(np.mean(self.last_logprobs)) if self.last_logprobs else 0.0

@@ -20,6 +20,7 @@ from transformers import T5ForConditionalGeneration
 
 from . import evaluate, export, grounding, plot, train
 from .corpus import DEFAULT_CORPUS, REPO_ROOT
+from .onnx_loop import DEFAULT_MAX_NEW_TOKENS
 
 # The hyper-parameters of the shipped model (see MODEL_CARD.md for why this size). The shipped
 # checkpoint was trained on a GPU with `--minutes 7 --data-workers 4` instead of `--steps`
@@ -103,11 +104,13 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
                 "  the model with its tokenizer, never mix the two." if a.get("tokenizer") else "")
     gpu_note = ("\n- This checkpoint: run `d256-aug60` of `train/scripts/device_sweep.sh` (three sizes trained side\n"
                 "  by side on one GPU, `--minutes 7`), fp16 copy brought back, then exported and evaluated on\n"
-                "  CPU by `python -m qr_train.ship --skip-train --run runs/gpu-d256`." if on_gpu else "")
+                "  CPU by `python -m qr_train.ship --skip-train --run runs/gpu-d256`." if on_gpu and not a.get("init") else "")
     init_note = (f"\n- This checkpoint: `{a['init']}` fine-tuned on {hardware} with traffic-shaped rows mixed in\n"
                  f"  (`qr_train.traffic`, rate {a.get('traffic_rate')}):\n"
                  f"  `python -m qr_train.train --init ... --minutes {a.get('minutes')} --batch-size {a['batch_size']} --lr {a['lr']}`,\n"
-                 "  then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
+                 + ("  on the device with `SWEEP=traffic train/scripts/device_sweep.sh` (run `ft-lr5-aug85`; fp16 copy\n"
+                    "  brought back), " if on_gpu else "  ")
+                 + "then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
     shape = (f"T5 (v1.1 style: gated-GELU, untied lm_head), d_model {a['d_model']}, {a['encoder_layers']} encoder + "
              f"{a['decoder_layers']} decoder layers, {a['num_heads']} heads x d_kv {a['d_kv']}, d_ff {a['d_ff']}, "
              f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}")
@@ -141,7 +144,7 @@ to rewrite a question into search-engine subqueries joined by ` | `. Generated b
   {best['val_rouge_l']:.3f}, exact match {best['val_exact_match']:.3f}, unseen-entity copy rate
   {best['unseen_entity_copy_rate']:.3f}). Curve: `docs/training-curve.png`.
 
-## Evaluation (`python -m qr_train.evaluate --unguarded`, greedy, at most 64 new tokens)
+## Evaluation (`python -m qr_train.evaluate --unguarded`, greedy, at most {DEFAULT_MAX_NEW_TOKENS} new tokens)
 
 `int8` answers as the server does: grounded decoding and the output guards of
 `docs/grounding.md`; `int8 unguarded` is plain greedy with the plain split, for comparison.
