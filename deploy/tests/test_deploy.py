@@ -427,6 +427,10 @@ def free_port() -> int:
 
 
 def built(name: str) -> Path | None:
+    """$QSERVER_BIN / $QCLIENT_BIN, else the release build in $CARGO_TARGET_DIR or ./target."""
+    explicit = os.environ.get(f"{name.upper()}_BIN")
+    if explicit:
+        return Path(explicit)
     dirs = [Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else []
     for d in dirs + [ROOT / "target"]:
         if (d / "release" / name).exists():
@@ -453,12 +457,15 @@ def qserver(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        up = subprocess.run(
-            [str(client), "--addr", f"127.0.0.1:{grpc}", "health", "--wait-ms", "60000"],
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        # One check per call (the flag for waiting has changed between qclient versions).
+        deadline = time.monotonic() + 60
+        while True:
+            up = subprocess.run(
+                [str(client), "--addr", f"127.0.0.1:{grpc}", "health"], capture_output=True, text=True, timeout=30
+            )
+            if up.returncode == 0 or time.monotonic() > deadline or proc.poll() is not None:
+                break
+            time.sleep(0.2)
         assert up.returncode == 0, up.stderr + (tmp_path / "qserver.log").read_text()
         yield client, grpc, metrics
     finally:
