@@ -258,6 +258,10 @@ def server_source() -> str:
     return "\n".join(p.read_text() for p in (ROOT / "server" / "src").rglob("*.rs"))
 
 
+# Options other work on qserver is adding; until the server has them, they are reported, not failed.
+PENDING_OPTIONS = ("QSERVER_TLS_", "QSERVER_AUTH_", "QSERVER_MAX_CONNECTION_AGE")
+
+
 def test_env_names_are_qserver_flags():
     """Every QSERVER_* the manifests or the image set is one of qserver's options."""
     source = server_source()
@@ -265,12 +269,14 @@ def test_env_names_are_qserver_flags():
     names |= set(re.findall(r"\b(QSERVER_[A-Z_]+)=", instructions(DOCKERFILE.read_text())))
     names = {n for n in names if n.startswith("QSERVER_")}
     unknown = sorted(n for n in names if f'"{n}"' not in source)
-    tls = [n for n in unknown if n.startswith(("QSERVER_TLS", "QSERVER_AUTH"))]
-    assert not [n for n in unknown if n not in tls], f"not qserver options: {unknown}"
-    if tls:
-        if "QSERVER_TLS" in source or "QSERVER_AUTH" in source:
-            pytest.fail(f"the TLS overlay's names differ from qserver's: {tls}")
-        pytest.skip(f"this qserver has no TLS/auth options yet: {tls}")
+    pending = [n for n in unknown if n.startswith(PENDING_OPTIONS)]
+    assert not [n for n in unknown if n not in pending], f"not qserver options: {unknown}"
+    for n in pending:
+        prefix = next(p for p in PENDING_OPTIONS if n.startswith(p))
+        if prefix in source:
+            pytest.fail(f"{n} is not qserver's name for its {prefix}* option")
+    if pending:
+        pytest.skip(f"this qserver does not have these options yet: {pending}")
 
 
 def test_release_keeps_line_tables_and_dist_strips():
