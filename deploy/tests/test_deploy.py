@@ -323,7 +323,8 @@ def test_dockerfile_rules():
     assert "--profile dist" in text and "target/dist/qserver" in text
     (health,) = re.findall(r"^HEALTHCHECK .* CMD (\[.*\])$", runtime, re.M)
     cmd = json.loads(health)
-    assert cmd[0] == "/opt/qreformulate/bin/qclient" and "health" in cmd
+    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("/opt/qreformulate/bin/qclient ")
+    assert " health " in cmd[2] and cmd[2].endswith("|| exit 1"), "Docker reserves exit code 2"
     # Nothing secret-looking is baked in.
     for m in re.finditer(r"^(ENV|ARG) (.*)$", text, re.M):
         assert not re.search(r"(TOKEN|SECRET|PASSWORD|_KEY)\w*=", m.group(2), re.I), m.group(0)
@@ -499,7 +500,12 @@ def test_alive_and_healthcheck_against_qserver(qserver, tmp_path):
     assert answer.returncode == 0, answer.stderr
     assert run_alive(metrics, state, stall=1).returncode == 0
     assert int(state.read_text().split()[0]) > 0, "the script did not see the generated tokens"
-    # The image's HEALTHCHECK command, with this server's port.
-    cmd = [str(client)] + [a.replace(":50051", f":{grpc}") for a in dockerfile_healthcheck()[1:]]
-    health = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    # The image's HEALTHCHECK command, with this server's port and the client built here.
+    sh, flag, script = dockerfile_healthcheck()
+    script = script.replace("/opt/qreformulate/bin/qclient", str(client)).replace(":50051", f":{grpc}")
+    health = subprocess.run([sh, flag, script], capture_output=True, text=True, timeout=30)
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stdout + health.stderr
+    # Against a port where nothing listens it reports unhealthy, with Docker's code 1.
+    script = script.replace(f":{grpc}", f":{free_port()}")
+    down = subprocess.run([sh, flag, script], capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1, down.stdout + down.stderr
