@@ -6,23 +6,33 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: serve test test-rust test-python runtime venv build bench-peers clean
+.PHONY: serve test test-rust test-python test-deploy lint runtime venv build bench-peers clean
 
 ## Fetch ONNX Runtime, build, and run qserver on the shipped default model.
 serve: runtime
 	cargo build --release -p qserver -p qclient
 	./target/release/qserver $(ARGS)
 
-## Run every test: Rust (unit + integration against a real server) and the Python pipeline.
-test: runtime venv
+## Run every test: lint, Rust (unit + integration against a real server), the Python
+## pipeline, and deploy/ (manifests against the Kubernetes schemas, Dockerfile with hadolint).
+test: lint runtime venv
 	cargo test --workspace --release
-	$(VENV_PY) -m pytest -q train/tests
+	$(VENV_PY) -m pytest -q train/tests deploy/tests
 
 test-rust: runtime
 	cargo test --workspace --release
 
 test-python: venv
 	$(VENV_PY) -m pytest -q train/tests
+
+## deploy/ only (its liveness-script test also runs qserver when it is built).
+test-deploy: venv
+	$(VENV_PY) -m pytest -q deploy/tests
+
+## Formatting and clippy, warnings as errors.
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
 
 runtime:
 	./scripts/fetch-onnxruntime.sh
@@ -36,12 +46,12 @@ bench-peers: runtime venv
 	cargo build --release -p qserver -p qclient
 	$(VENV_PY) bench/peers.py $(ARGS)
 
-# The model pipeline's Python environment (pinned).
+# The Python environment (pinned): the model pipeline and the deploy/ checks.
 venv: $(VENV)/.installed
-$(VENV)/.installed: train/requirements.txt
+$(VENV)/.installed: train/requirements.txt deploy/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
-	$(VENV_PY) -m pip install --quiet -r train/requirements.txt
+	$(VENV_PY) -m pip install --quiet -r train/requirements.txt -r deploy/requirements.txt
 	touch $@
 
 clean:
