@@ -63,7 +63,10 @@ impl Metrics {
             fallbacks.with_label_values(&[reason.name()]);
         }
         let build_info = IntGaugeVec::new(
-            Opts::new("build_info", "1, labelled with the server version, who runs the decoder steps and its int8 kernel."),
+            Opts::new(
+                "build_info",
+                "1, labelled with the server version, who runs the decoder steps and its int8 kernel.",
+            ),
             &["version", "decoder", "kernel"],
         )
         .expect("constant metric definition; this is a bug");
@@ -215,7 +218,11 @@ mod tests {
             "qreformulate_cache_misses_total 4",
             "qreformulate_cache_entries 5",
             "qreformulate_in_flight_requests 2",
-            concat!(r#"qreformulate_build_info{decoder="native",kernel="avx2",version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
+            concat!(
+                r#"qreformulate_build_info{decoder="native",kernel="avx2",version=""#,
+                env!("CARGO_PKG_VERSION"),
+                r#""} 1"#
+            ),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
