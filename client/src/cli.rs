@@ -345,6 +345,46 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_a_qclient_environment_variable() {
+        // Flags that pick a document rather than configure a call.
+        let exempt = ["help", "version", "out_dir"];
+        let root = Cli::command();
+        let mut checked = 0;
+        for command in std::iter::once(&root).chain(root.get_subcommands()) {
+            for arg in command.get_arguments().filter(|a| a.get_long().is_some()) {
+                let id = arg.get_id().as_str();
+                if exempt.contains(&id) {
+                    continue;
+                }
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                let name = command.get_name();
+                assert!(env.as_deref().is_some_and(|e| e.starts_with("QCLIENT_")), "{name} --{id}: {env:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "{checked}");
+    }
+
+    #[test]
+    fn boolean_variables_take_the_usual_spellings() {
+        use clap::builder::TypedValueParser;
+        let parser = BoolishValueParser::new();
+        let cmd = Cli::command();
+        let arg = clap::Arg::new("x");
+        for (text, value) in [("1", true), ("true", true), ("yes", true), ("0", false), ("false", false), ("off", false)] {
+            assert_eq!(parser.parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new(text)).unwrap(), value, "{text}");
+        }
+    }
+
+    #[test]
+    fn health_wait_takes_seconds_and_fractions() {
+        let parse = |wait: &str| Cli::try_parse_from(["qclient", "health", "--wait", wait]).map(|cli| cli.command);
+        let Ok(Command::Health(args)) = parse("1.5") else { panic!("1.5 rejected") };
+        assert_eq!(args.wait, Some(Duration::from_millis(1500)));
+        assert!(parse("-1").is_err() && parse("soon").is_err() && parse("inf").is_err());
+    }
+
+    #[test]
     fn zero_concurrency_is_rejected() {
         assert!(Cli::try_parse_from(["qclient", "bench", "f", "--concurrency", "0"]).is_err());
     }

@@ -236,10 +236,10 @@ mod tests {
     fn history_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/history");
-        let mut editor = editor(Some(&path)).unwrap();
-        remember(&mut editor, "first question", Some(&path));
-        remember(&mut editor, "second question", Some(&path));
-        remember(&mut editor, "second question", Some(&path));
+        let mut first = editor(Some(&path)).unwrap();
+        remember(&mut first, "first question", Some(&path));
+        remember(&mut first, "second question", Some(&path));
+        remember(&mut first, "second question", Some(&path));
         let again = editor(Some(&path)).unwrap();
         let past: Vec<&str> = again.history().iter().map(String::as_str).collect();
         assert_eq!(past, ["first question", "second question"]);
