@@ -48,7 +48,12 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Interactive prompt: type a question, get its subqueries and the latency.
-    /// Reads lines from stdin (a pipe works too); `:quit` or end of input exits.
+    ///
+    /// On a terminal: line editing, Up/Down and Ctrl-R through the questions of this and
+    /// earlier sessions (--history-file), `:help` for the commands, Ctrl-C cancels the question
+    /// in flight, Ctrl-D or `:quit` leaves. From a pipe: one question per line, each echoed
+    /// before its answer; `:quit` or end of input exits, and a failed question makes the exit
+    /// status 1.
     Chat(ChatArgs),
     /// Reformulate the given queries (or one query per stdin line when none are given).
     Reformulate(ReformulateArgs),
