@@ -376,7 +376,9 @@ mod tests {
         let parser = BoolishValueParser::new();
         let cmd = Cli::command();
         let arg = clap::Arg::new("x");
-        for (text, value) in [("1", true), ("true", true), ("yes", true), ("0", false), ("false", false), ("off", false)] {
+        for (text, value) in
+            [("1", true), ("true", true), ("yes", true), ("0", false), ("false", false), ("off", false)]
+        {
             assert_eq!(parser.parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new(text)).unwrap(), value, "{text}");
         }
     }

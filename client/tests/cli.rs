@@ -94,7 +94,8 @@ fn man_page_renders() {
 #[test]
 fn help_shows_the_environment_variables() {
     let help = text(&qclient(&["bench", "--help"]).stdout);
-    for var in ["QCLIENT_ADDR", "QCLIENT_MAX_NEW_TOKENS", "QCLIENT_NUM_BEAMS", "QCLIENT_CONCURRENCY", "QCLIENT_MAX_ERROR_RATE"]
+    for var in
+        ["QCLIENT_ADDR", "QCLIENT_MAX_NEW_TOKENS", "QCLIENT_NUM_BEAMS", "QCLIENT_CONCURRENCY", "QCLIENT_MAX_ERROR_RATE"]
     {
         assert!(help.contains(&format!("[env: {var}=")), "{var} missing:\n{help}");
     }
@@ -115,7 +116,10 @@ fn bad_usage_exits_1_and_help_exits_0() {
 
 /// A standard gRPC health server on 127.0.0.1 in this process; the reporter sets its status.
 /// `addr` reuses a port reserved earlier; `None` takes any free one.
-fn health_server(addr: Option<SocketAddr>, status: ServingStatus) -> (HealthReporter, String, std::thread::JoinHandle<()>) {
+fn health_server(
+    addr: Option<SocketAddr>,
+    status: ServingStatus,
+) -> (HealthReporter, String, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -149,11 +149,7 @@ fn qclient(args: &[&str], stdin: Option<&str>) -> Output {
 /// As `qclient`, with these environment variables set.
 fn qclient_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     let mut command = qclient_command(args);
-    command
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("qclient binary starts");
     {
         let mut pipe = child.stdin.take().expect("stdin is piped");
@@ -483,8 +479,11 @@ fn health_of_a_warm_server_is_serving() {
     assert_eq!(report["attempts"], 1, "{report}");
     assert_eq!(report["error"], Value::Null, "{report}");
     // The service name from the environment.
-    let output =
-        qclient_env(&["--addr", server(), "health"], &[("QCLIENT_HEALTH_SERVICE", "qreformulate.v1.Reformulator")], None);
+    let output = qclient_env(
+        &["--addr", server(), "health"],
+        &[("QCLIENT_HEALTH_SERVICE", "qreformulate.v1.Reformulator")],
+        None,
+    );
     assert_eq!(ok(&output), "SERVING\n");
 }
 

@@ -128,7 +128,7 @@ async fn interactive(
 }
 
 /// Sends one question; Ctrl-C (SIGINT: the terminal is not in raw mode while waiting)
-/// cancels it, which resets the HTTP/2 stream so the server stops too.
+/// cancels it: dropping the call resets its HTTP/2 stream, so the server sees it cancelled.
 async fn ask(
     client: &mut ReformulatorClient<Channel>,
     target: &Target,
@@ -175,7 +175,8 @@ fn editor(history: Option<&Path>) -> Result<DefaultEditor, ClientError> {
         .map_err(|e| editor_error("cannot set up the line editor", e))?
         .auto_add_history(false)
         .build();
-    let mut editor = DefaultEditor::with_config(config).map_err(|e| editor_error("cannot set up the line editor", e))?;
+    let mut editor =
+        DefaultEditor::with_config(config).map_err(|e| editor_error("cannot set up the line editor", e))?;
     if let Some(path) = history {
         match editor.load_history(path) {
             Ok(()) => {}
