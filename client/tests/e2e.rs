@@ -702,3 +702,13 @@ fn eval_in_a_terminal_shows_a_progress_bar() {
     assert!(!all.contains("rows sent"), "{all}");
     assert!(all.trim_start().starts_with('{'), "{all}");
 }
+
+#[test]
+fn bench_in_a_terminal_shows_a_progress_bar() {
+    let (_dir, path) = temp_file("queries.txt", &format!("{}\n{}\n", QUERIES[0], QUERIES[2]));
+    let mut bench = pty(&["--addr", server(), "bench", &path, "--requests", "40", "--skip-cache"]);
+    bench.exp_string("/40 (").unwrap();
+    bench.exp_string("40 ok, 0 errors").unwrap();
+    bench.exp_eof().unwrap();
+    exits_with(&bench, 0);
+}

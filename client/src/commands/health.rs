@@ -152,15 +152,6 @@ mod tests {
         assert_eq!(Outcome::Failed(rpc).exit_code(), 3);
         let usage = ClientError::InvalidAddress { addr: "ftp://x".into(), reason: "scheme".into() };
         assert_eq!(Outcome::Failed(usage).exit_code(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_refused_connection_is_exit_code_2() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        drop(listener);
-        let target = Target { addr, connect_timeout: Duration::from_secs(2), timeout: None };
-        let error = check(&target, "", None).await.unwrap_err();
-        assert_eq!(Outcome::Failed(error).exit_code(), 2);
+        // A refused connection (exit 2) is tested on the binary: tests/cli.rs, tests/e2e.rs.
     }
 }
