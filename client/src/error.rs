@@ -36,6 +36,22 @@ pub enum ClientError {
         source: std::io::Error,
     },
 
+    /// An output file (e.g. a man page) could not be written.
+    #[error("cannot write {}: {source}", .path.display())]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `bench`: more requests failed than --max-error-rate allows.
+    #[error(
+        "{failed} of {requests} requests failed ({:.1}%: {by_code}); --max-error-rate {max_rate} allows at most {:.1}%",
+        100.0 * *.failed as f64 / (*.requests).max(1) as f64,
+        100.0 * .max_rate
+    )]
+    TooManyFailures { failed: u64, requests: u64, by_code: String, max_rate: f64 },
+
     /// An input file (or stdin) has a malformed line.
     #[error("{origin}: {source}")]
     Dataset {

@@ -7,6 +7,7 @@ mod commands;
 mod connect;
 mod dataset;
 mod error;
+mod progress;
 mod report;
 
 use std::process::ExitCode;
@@ -14,7 +15,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Bad usage exits 1, not clap's 2: for `health`, 2 means "cannot connect"
+        // (grpc_health_probe's codes). --help and --version exit 0.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -128,18 +128,28 @@ async fn serving(addr: &str) -> bool {
     }
 }
 
-/// Runs the real binary with `args`, feeding `stdin` (or nothing), environment cleaned of
-/// qclient's variables so the machine's settings cannot leak in.
-fn qclient(args: &[&str], stdin: Option<&str>) -> Output {
+/// The real binary with `args`, its environment cleaned of qclient's variables so the
+/// machine's settings cannot leak in.
+fn qclient_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_qclient"));
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("QCLIENT_") {
+            command.env_remove(name);
+        }
+    }
     command
-        .args(args)
-        .env_remove("QCLIENT_ADDR")
-        .env_remove("QCLIENT_TIMEOUT_MS")
-        .env_remove("QCLIENT_CONNECT_TIMEOUT_MS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+}
+
+/// Runs the real binary with `args`, feeding `stdin` (or nothing).
+fn qclient(args: &[&str], stdin: Option<&str>) -> Output {
+    qclient_env(args, &[], stdin)
+}
+
+/// As `qclient`, with these environment variables set.
+fn qclient_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut command = qclient_command(args);
+    command.envs(env.iter().copied()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("qclient binary starts");
     {
         let mut pipe = child.stdin.take().expect("stdin is piped");
@@ -169,10 +179,15 @@ fn ok(output: &Output) -> String {
     text(&output.stdout)
 }
 
-/// Asserts a non-zero exit with exactly one `qclient: error: ...` line on stderr; returns it.
+/// Asserts exit code 1 with exactly one `qclient: error: ...` line on stderr; returns it.
 fn one_line_error(output: &Output) -> String {
+    one_line_error_code(output, 1)
+}
+
+/// Asserts exit `code` with exactly one `qclient: error: ...` line on stderr; returns it.
+fn one_line_error_code(output: &Output, code: i32) -> String {
     assert!(!output.status.success(), "expected failure, stdout:\n{}", text(&output.stdout));
-    assert_eq!(output.status.code(), Some(1), "exit code");
+    assert_eq!(output.status.code(), Some(code), "exit code; stderr:\n{}", text(&output.stderr));
     let stderr = text(&output.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "stderr must be one line:\n{stderr}");
@@ -389,7 +404,10 @@ fn eval_json_has_overall_and_per_kind_rows() {
         QUERIES[0], QUERIES[1], QUERIES[2]
     );
     let (_dir, path) = temp_file("labelled.jsonl", &contents);
-    let report = json(&ok(&qclient(&["--addr", server(), "eval", &path, "--json"], None)));
+    let output = qclient(&["--addr", server(), "eval", &path, "--json"], None);
+    let report = json(&ok(&output));
+    // No progress bar when stderr is not a terminal (or with --json).
+    assert_eq!(text(&output.stderr), "");
     assert_eq!(report["overall"]["name"], "overall", "{report}");
     assert_eq!(report["overall"]["examples"], 3, "{report}");
     let mut kinds: Vec<(String, u64)> = report["per_kind"]
@@ -435,7 +453,9 @@ fn eval_text_mode_prints_the_metric_table() {
         QUERIES[2]
     );
     let (_dir, path) = temp_file("labelled.jsonl", &contents);
-    let stdout = ok(&qclient(&["--addr", server(), "eval", &path], None));
+    let output = qclient(&["--addr", server(), "eval", &path], None);
+    let stdout = ok(&output);
+    assert_eq!(text(&output.stderr), "", "no progress bar on a pipe");
     let header = stdout.lines().position(|l| l.contains("exact match")).unwrap_or_else(|| panic!("{stdout}"));
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[header].contains("ROUGE-L") && lines[header].contains("Levenshtein"), "{stdout}");
@@ -453,12 +473,30 @@ fn health_of_a_warm_server_is_serving() {
     assert_eq!(ok(&output), "SERVING\n");
     let output = qclient(&["--addr", server(), "health", "--service", "qreformulate.v1.Reformulator"], None);
     assert_eq!(ok(&output), "SERVING\n");
+    let report = json(&ok(&qclient(&["--addr", server(), "health", "--json", "--wait", "30"], None)));
+    assert_eq!(report["status"], "SERVING", "{report}");
+    assert_eq!(report["exit_code"], 0, "{report}");
+    assert_eq!(report["attempts"], 1, "{report}");
+    assert_eq!(report["error"], Value::Null, "{report}");
+    // The service name from the environment.
+    let output = qclient_env(
+        &["--addr", server(), "health"],
+        &[("QCLIENT_HEALTH_SERVICE", "qreformulate.v1.Reformulator")],
+        None,
+    );
+    assert_eq!(ok(&output), "SERVING\n");
 }
 
 #[test]
-fn health_of_an_unknown_service_is_a_grpc_error() {
-    let line = one_line_error(&qclient(&["--addr", server(), "health", "--service", "no.such.Service"], None));
+fn health_of_an_unknown_service_is_an_rpc_failure_exit_3() {
+    let output = qclient(&["--addr", server(), "health", "--service", "no.such.Service"], None);
+    let line = one_line_error_code(&output, 3);
     assert!(line.contains("Health/Check failed: NOT_FOUND"), "{line}");
+    let output = qclient(&["--addr", server(), "health", "--service", "no.such.Service", "--json"], None);
+    one_line_error_code(&output, 3);
+    let report = json(&text(&output.stdout));
+    assert_eq!((&report["status"], &report["exit_code"]), (&Value::Null, &Value::from(3)), "{report}");
+    assert!(report["error"].as_str().is_some_and(|e| e.contains("NOT_FOUND")), "{report}");
 }
 
 fn closed_port_addr() -> String {
@@ -471,12 +509,13 @@ fn closed_port_addr() -> String {
 #[test]
 fn closed_port_is_one_line_connection_error() {
     let addr = closed_port_addr();
-    for args in [
-        vec!["--addr", addr.as_str(), "health"],
-        vec!["--addr", addr.as_str(), "reformulate", "--json", "q"],
-        vec!["--addr", addr.as_str(), "chat"],
+    for (args, code) in [
+        // grpc_health_probe's "connection failure".
+        (vec!["--addr", addr.as_str(), "health"], 2),
+        (vec!["--addr", addr.as_str(), "reformulate", "--json", "q"], 1),
+        (vec!["--addr", addr.as_str(), "chat"], 1),
     ] {
-        let line = one_line_error(&qclient(&args, Some("q\n")));
+        let line = one_line_error_code(&qclient(&args, Some("q\n")), code);
         assert!(line.starts_with(&format!("qclient: error: cannot connect to {addr}: ")), "{line}");
         assert!(line.to_lowercase().contains("refused"), "{line}");
     }
@@ -493,4 +532,183 @@ fn bad_files_are_one_line_errors_before_connecting() {
     assert!(line.contains("labels.jsonl: line 1: \"subqueries\" must be"), "{line}");
     let line = one_line_error(&qclient(&["--addr", &addr, "eval", "/no/such/file.jsonl"], None));
     assert!(line.contains("cannot read /no/such/file.jsonl"), "{line}");
+}
+
+/// A query file where one query in four is over the server's 2000-character limit
+/// (INVALID_ARGUMENT): every fourth request fails.
+fn one_in_four_fails() -> (tempfile::TempDir, String) {
+    let too_long = "why ".repeat(600);
+    temp_file("mixed.txt", &format!("{}\n{}\n{}\n{too_long}\n", QUERIES[0], QUERIES[1], QUERIES[2]))
+}
+
+#[test]
+fn bench_exits_1_when_requests_fail_unless_the_rate_is_allowed() {
+    let (_dir, path) = one_in_four_fails();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["--addr", server(), "bench", &path, "--json", "--max-new-tokens", "8"];
+        args.extend_from_slice(extra);
+        qclient(&args, None)
+    };
+    let output = bench(&[]);
+    let line = one_line_error(&output);
+    assert_eq!(
+        line,
+        "qclient: error: 1 of 4 requests failed (25.0%: INVALID_ARGUMENT 1); --max-error-rate 0 allows at most 0.0%"
+    );
+    // The report still comes first, whole.
+    let report = json(&text(&output.stdout));
+    assert_eq!((&report["ok"], &report["errors"]), (&Value::from(3), &Value::from(1)), "{report}");
+    one_line_error(&bench(&["--max-error-rate", "0.2"]));
+    ok(&bench(&["--max-error-rate", "0.25"]));
+    // The same rule from the environment.
+    ok(&qclient_env(
+        &["--addr", server(), "bench", &path, "--json", "--max-new-tokens", "8"],
+        &[("QCLIENT_MAX_ERROR_RATE", "0.5")],
+        None,
+    ));
+}
+
+#[test]
+fn environment_variables_stand_in_for_flags() {
+    let (_dir, path) = temp_file("queries.txt", &format!("{}\n", QUERIES[0]));
+    let env = [
+        ("QCLIENT_ADDR", server()),
+        ("QCLIENT_JSON", "true"),
+        ("QCLIENT_REQUESTS", "3"),
+        ("QCLIENT_CONCURRENCY", "2"),
+        ("QCLIENT_SKIP_CACHE", "1"),
+        ("QCLIENT_MAX_NEW_TOKENS", "5"),
+    ];
+    let report = json(&ok(&qclient_env(&["bench", &path], &env, None)));
+    assert_eq!((&report["requests"], &report["concurrency"]), (&Value::from(3), &Value::from(2)), "{report}");
+    assert_eq!(report["server"]["cached"], 0, "{report}");
+    assert!(report["server"]["mean_generated_tokens"].as_f64().unwrap() <= 5.0, "{report}");
+    // A generation option the server refuses proves the variable reached the request.
+    let output = qclient_env(&["--addr", server(), "reformulate", "q"], &[("QCLIENT_NUM_BEAMS", "100000")], None);
+    assert!(one_line_error(&output).contains("INVALID_ARGUMENT"));
+    // A flag on the command line wins over its variable.
+    let report = json(&ok(&qclient_env(&["bench", &path, "--requests", "1"], &env, None)));
+    assert_eq!(report["requests"], 1, "{report}");
+}
+
+// --- In a pseudo-terminal: what a person at a terminal sees. ---
+
+use rexpect::process::wait::WaitStatus;
+use rexpect::session::{spawn_with_options, Options, PtySession};
+
+/// Starts the real binary in a pseudo-terminal (stdin, stdout and stderr are all the pty).
+fn pty(args: &[&str]) -> PtySession {
+    let mut command = qclient_command(args);
+    // rustyline leaves a "dumb" or unknown terminal unedited.
+    command.env("TERM", "xterm-256color");
+    let options = Options { timeout_ms: Some(60_000), strip_ansi_escape_codes: true };
+    spawn_with_options(command, options).expect("qclient starts in a pty")
+}
+
+fn exits_with(session: &PtySession, code: i32) {
+    match session.process.wait().expect("wait for qclient") {
+        WaitStatus::Exited(_, status) => assert_eq!(status, code),
+        other => panic!("qclient ended with {other:?}"),
+    }
+}
+
+const UP: &str = "\x1b[A";
+
+/// Sends keys without a newline (rexpect's `send` leaves them buffered).
+fn keys(session: &mut PtySession, keys: &str) {
+    session.send(keys).unwrap();
+    session.flush().unwrap();
+}
+
+#[test]
+fn chat_in_a_terminal_recalls_questions_and_keeps_the_history_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    // A question from an earlier session.
+    std::fs::write(&history, format!("{}\n", QUERIES[1])).unwrap();
+    let history_arg = history.to_string_lossy().into_owned();
+    let mut chat = pty(&["--addr", server(), "chat", "--joined", "--history-file", &history_arg]);
+    chat.exp_string(":help lists the commands").unwrap();
+    chat.exp_string("> ").unwrap();
+    chat.send_line(QUERIES[0]).unwrap();
+    chat.exp_string(" ms; server ").unwrap();
+    chat.exp_string("> ").unwrap();
+    // Up twice: past this session's question to the earlier session's.
+    keys(&mut chat, UP);
+    keys(&mut chat, UP);
+    chat.exp_string(QUERIES[1]).unwrap();
+    keys(&mut chat, "\r");
+    chat.exp_string(" ms; server ").unwrap();
+    chat.exp_string("> ").unwrap();
+    chat.send_line(":help").unwrap();
+    chat.exp_string(":quit, :q, :exit").unwrap();
+    chat.exp_string(&format!("History file: {history_arg}")).unwrap();
+    chat.exp_string("> ").unwrap();
+    chat.send_line(":nonsense").unwrap();
+    chat.exp_string("unknown command :nonsense").unwrap();
+    chat.exp_string("> ").unwrap();
+    // Ctrl-D on an empty line leaves.
+    chat.send_control('d').unwrap();
+    chat.exp_eof().unwrap();
+    exits_with(&chat, 0);
+    let saved = std::fs::read_to_string(&history).unwrap();
+    let saved: Vec<&str> = saved.lines().filter(|l| !l.starts_with("#V")).collect();
+    // The earlier session's line, then this session's questions (the recalled one again) and commands.
+    assert_eq!(saved, [QUERIES[1], QUERIES[0], QUERIES[1], ":help", ":nonsense"], "{saved:?}");
+}
+
+/// A TCP listener that accepts and never answers: an RPC to it waits forever.
+fn silent_server() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("address"));
+    (listener, addr)
+}
+
+#[test]
+fn ctrl_c_in_chat_cancels_the_question_and_stays() {
+    let (listener, addr) = silent_server();
+    let mut chat = pty(&["--addr", &addr, "chat", "--no-history"]);
+    // Connecting completes in the kernel's accept queue; nothing ever answers.
+    chat.exp_string("> ").unwrap();
+    chat.send_line("a question nobody answers").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    chat.send_control('c').unwrap();
+    chat.exp_string("(cancelled)").unwrap();
+    chat.exp_string("> ").unwrap();
+    // Ctrl-C while typing clears the line and stays too.
+    keys(&mut chat, "half a line");
+    chat.send_control('c').unwrap();
+    chat.exp_string("> ").unwrap();
+    chat.send_line(":quit").unwrap();
+    chat.exp_eof().unwrap();
+    exits_with(&chat, 0);
+    drop(listener);
+}
+
+#[test]
+fn eval_in_a_terminal_shows_a_progress_bar() {
+    let row = |q: &str| format!("{{\"query\": \"{q}\", \"subqueries\": \"a|b\", \"kind\": \"k\"}}\n");
+    let rows: String = (0..60).map(|i| row(QUERIES[i % 3])).collect();
+    let (_dir, path) = temp_file("labelled.jsonl", &rows);
+    let mut eval = pty(&["--addr", server(), "eval", &path, "--max-new-tokens", "12"]);
+    eval.exp_string("60/60 rows sent").unwrap();
+    eval.exp_string("exact match").unwrap();
+    eval.exp_eof().unwrap();
+    exits_with(&eval, 0);
+    // --json on the same terminal: no bar.
+    let mut eval = pty(&["--addr", server(), "eval", &path, "--max-new-tokens", "12", "--json"]);
+    let all = eval.exp_eof().unwrap();
+    exits_with(&eval, 0);
+    assert!(!all.contains("rows sent"), "{all}");
+    assert!(all.trim_start().starts_with('{'), "{all}");
+}
+
+#[test]
+fn bench_in_a_terminal_shows_a_progress_bar() {
+    let (_dir, path) = temp_file("queries.txt", &format!("{}\n{}\n", QUERIES[0], QUERIES[2]));
+    let mut bench = pty(&["--addr", server(), "bench", &path, "--requests", "40", "--skip-cache"]);
+    bench.exp_string("/40 (").unwrap();
+    bench.exp_string("40 ok, 0 errors").unwrap();
+    bench.exp_eof().unwrap();
+    exits_with(&bench, 0);
 }

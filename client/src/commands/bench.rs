@@ -3,13 +3,12 @@
 //! `--server-side` asks the server to replay them in-process (Benchmark RPC) instead.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use qreformulate::{code_name, latency::LatencyRecorder};
 use tokio::sync::mpsc;
@@ -20,6 +19,7 @@ use crate::cli::BenchArgs;
 use crate::connect::Target;
 use crate::dataset;
 use crate::error::{normalise, ClientError};
+use crate::progress;
 use crate::report::{rate, render_bench, render_server_bench, BenchReport, Latency, ServerBenchReport, ServerTimings};
 
 pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientError> {
@@ -54,7 +54,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientErr
         plan.replay(args.warmup, &ProgressBar::hidden()).await;
     }
 
-    let progress = progress_bar(requests, args.json);
+    let progress = progress::bar(requests, args.json);
     let start = Instant::now();
     let tally = plan.replay(requests, &progress).await;
     let wall = start.elapsed();
@@ -67,27 +67,23 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<ExitCode, ClientErr
     } else {
         print(&render_bench(&report))?;
     }
-    if report.ok == 0 {
-        return Err(ClientError::Usage(format!(
-            "all {} requests failed ({})",
-            report.requests,
-            report.errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", ")
-        )));
-    }
+    check_failures(&report, args.max_error_rate)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn progress_bar(total: u64, json: bool) -> ProgressBar {
-    if json || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// The exit rule, after the report: more failed requests than `--max-error-rate` allows
+/// (default 0: any) is an error, so scripts and CI notice a failing server.
+fn check_failures(report: &BenchReport, max_rate: f64) -> Result<(), ClientError> {
+    let failed_rate = if report.requests == 0 { 0.0 } else { report.errors as f64 / report.requests as f64 };
+    if report.errors == 0 || failed_rate <= max_rate {
+        return Ok(());
     }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta}) {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
+    Err(ClientError::TooManyFailures {
+        failed: report.errors,
+        requests: report.requests,
+        by_code: report.errors_by_code.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", "),
+        max_rate,
+    })
 }
 
 /// What one replay needs; cheap to share between the worker tasks.
@@ -255,14 +251,7 @@ async fn server_side(
         queries.iter().cycle().take(usize::try_from(requests).unwrap_or(usize::MAX)).cloned().collect();
     let warmup = u32::try_from(args.warmup)
         .map_err(|_| ClientError::Usage(format!("--warmup {} is too large for --server-side", args.warmup)))?;
-    let progress = if args.json || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let spinner = ProgressBar::new_spinner();
-        spinner.set_message(format!("server replaying {requests} requests..."));
-        spinner.enable_steady_tick(Duration::from_millis(100));
-        spinner
-    };
+    let progress = progress::spinner(format!("server replaying {requests} requests..."), args.json);
     let result = client
         .benchmark(target.request(pb::BenchmarkRequest { queries: replay, repeat: 1, warmup, options: Some(options) }))
         .await;
@@ -345,6 +334,23 @@ mod tests {
         assert!((report.server.mean_decode_ms - 12.5).abs() < 1e-9);
         assert!((report.server.mean_generated_tokens - 6.0).abs() < 1e-9);
         assert_eq!(report.server.generated_tokens, 12);
+    }
+
+    #[test]
+    fn any_failure_fails_unless_the_rate_is_allowed() {
+        let mut tally = Tally::new();
+        for _ in 0..3 {
+            tally.record(&ok(10, 8.0, 4));
+        }
+        tally.record(&Sample { latency: Duration::from_millis(1), result: Err(tonic::Code::Unavailable) });
+        let report = tally.report(&args(), Duration::from_secs(1));
+        let err = check_failures(&report, 0.0).unwrap_err().to_string();
+        assert_eq!(err, "1 of 4 requests failed (25.0%: UNAVAILABLE 1); --max-error-rate 0 allows at most 0.0%");
+        assert!(check_failures(&report, 0.2).is_err());
+        assert!(check_failures(&report, 0.25).is_ok());
+        assert!(check_failures(&report, 1.0).is_ok());
+        let clean = Tally::new().report(&args(), Duration::ZERO);
+        assert!(check_failures(&clean, 0.0).is_ok());
     }
 
     #[test]

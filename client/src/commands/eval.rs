@@ -1,15 +1,21 @@
 //! `qclient eval`: streams a labelled JSONL file to the Evaluate RPC and prints the metric
 //! table (overall, then per kind) and the latency percentiles.
+//!
+//! On a terminal, a progress bar counts the rows as they are sent. Evaluate is client-streaming
+//! with one reply at the end, so how many rows the server has answered is known only then: the
+//! bar's message says so rather than guessing.
 
 use std::process::ExitCode;
 
 use qreformulate::pb;
+use tokio_stream::StreamExt as _;
 
 use super::print;
 use crate::cli::EvalArgs;
 use crate::connect::Target;
 use crate::dataset;
 use crate::error::ClientError;
+use crate::progress;
 use crate::report::{render_eval, EvalReport};
 
 pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientError> {
@@ -35,11 +41,21 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
         .collect();
 
     let mut client = target.reformulator().await?;
-    let response = client
-        .evaluate(target.request(tokio_stream::iter(messages)))
-        .await
-        .map_err(|status| ClientError::rpc("Evaluate", status))?
-        .into_inner();
+    let total = messages.len() as u64;
+    let bar = progress::bar(total, args.json);
+    bar.set_prefix("rows sent ");
+    let counter = bar.clone();
+    // Counted as the transport pulls each row off the stream.
+    let rows = tokio_stream::iter(messages).map(move |row| {
+        counter.inc(1);
+        if counter.position() == total {
+            counter.set_message(format!("all sent; the server answers all {total} before it replies"));
+        }
+        row
+    });
+    let result = client.evaluate(target.request(rows)).await;
+    bar.finish_and_clear();
+    let response = result.map_err(|status| ClientError::rpc("Evaluate", status))?.into_inner();
     let report = EvalReport::from_proto(&response);
     if args.json {
         let text = serde_json::to_string_pretty(&report).expect("an eval report always serialises; this is a bug");

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod docs;
 mod eval;
 mod health;
 mod reformulate;
@@ -25,6 +26,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         Command::Bench(args) => bench::run(&target, args).await,
         Command::Eval(args) => eval::run(&target, args).await,
         Command::Health(args) => health::run(&target, args).await,
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }
 
