@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     report.pop("predictions")
     report["guards_on_validation_references"] = guard_check
     curve = json.loads((args.run / "curve.json").read_text())
-    report["training"] = {k: curve.get(k) for k in ("parameters", "args", "device", "device_name")}
+    report["training"] = {k: curve.get(k) for k in ("parameters", "args", "device", "device_name", "averaged_from")}
     report["training"]["epochs"] = curve["epochs"]
     report["commit"] = git_commit()
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -108,8 +108,11 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
     init_note = (f"\n- This checkpoint: `{a['init']}` fine-tuned on {hardware} with traffic-shaped rows mixed in\n"
                  f"  (`qr_train.traffic`, rate {a.get('traffic_rate')}):\n"
                  f"  `python -m qr_train.train --init ... --minutes {a.get('minutes')} --batch-size {a['batch_size']} --lr {a['lr']}`,\n"
-                 + ("  on the device with `SWEEP=traffic train/scripts/device_sweep.sh` (run `ft-lr5-aug85`; fp16 copy\n"
-                    "  brought back), " if on_gpu else "  ")
+                 + ("  on the device with `SWEEP=traffic train/scripts/device_sweep.sh` (fp16 copies brought back),\n  "
+                    if on_gpu else "  ")
+                 + (f"weights averaged over the runs {', '.join(f'`{Path(r).name}`' for r in t['averaged_from'])} "
+                    "(`python -m qr_train.average`; the settings above are the first run's),\n  "
+                    if t.get("averaged_from") else "")
                  + "then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
     shape = (f"T5 (v1.1 style: gated-GELU, untied lm_head), d_model {a['d_model']}, {a['encoder_layers']} encoder + "
              f"{a['decoder_layers']} decoder layers, {a['num_heads']} heads x d_kv {a['d_kv']}, d_ff {a['d_ff']}, "
