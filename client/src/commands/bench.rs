@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use qreformulate::{code_name, latency::LatencyRecorder};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+use crate::connect::Channel;
 
 use super::print;
 use crate::cli::BenchArgs;
