@@ -83,12 +83,12 @@ pub struct Config {
     #[arg(long, env = "QSERVER_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
     pub max_header_list_bytes: u32,
 
-    /// Largest request message, in bytes (larger: RESOURCE_EXHAUSTED).
+    /// Largest request message, in bytes (larger: OUT_OF_RANGE, as tonic answers).
     #[arg(long, env = "QSERVER_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
     /// Largest response message, in bytes (an Evaluate or Benchmark answer over it fails with
-    /// RESOURCE_EXHAUSTED).
+    /// OUT_OF_RANGE).
     #[arg(long, env = "QSERVER_MAX_RESPONSE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_response_bytes: usize,
 

@@ -280,8 +280,21 @@ async fn a_stalled_request_body_is_failed_after_the_timeout() {
     .expect("the server held a half-sent request for 10 s");
     assert_eq!(status, http::StatusCode::OK);
     let code = grpc_status.expect("a gRPC status");
-    assert_ne!(code, "0", "a half-sent request succeeded");
+    assert_eq!(code, (Code::DeadlineExceeded as i32).to_string(), "a half-sent request was not timed out");
     assert!(started.elapsed() >= Duration::from_millis(900), "failed before the timeout: {:?}", started.elapsed());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn message_size_limits_hold_both_ways() {
+    let server = TestServer::start(&["--max-request-bytes", "64", "--max-response-bytes", "8"]).await;
+    let mut client = common::client(server.addr).await;
+    let err = client.reformulate(query(&"word ".repeat(20))).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("64"), "{}", err.message());
+    // A short query fits in, but no answer fits in 8 bytes.
+    let err = client.reformulate(query("who wrote hamlet")).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     server.stop().await.unwrap();
 }
 

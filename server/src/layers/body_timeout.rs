@@ -88,7 +88,8 @@ impl HttpBody for StallTimeout {
                 Poll::Ready(frame)
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Status::cancelled(format!(
+                // Not CANCELLED: tonic reads a cancelled request body as its end ("unexpected EOF").
+                Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                     "the request body stalled: no bytes for {} s (--request-body-timeout-secs)",
                     this.timeout.as_secs()
                 ))))),
