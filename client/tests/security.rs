@@ -206,12 +206,8 @@ fn tls_only_server_needs_just_the_ca() {
     static SERVER: OnceLock<Secured> = OnceLock::new();
     let server = SERVER.get_or_init(|| {
         let pki = certs::generate("qclient-tls");
-        let addr = start_server(vec![
-            "--tls-cert".into(),
-            path(&pki.server_cert),
-            "--tls-key".into(),
-            path(&pki.server_key),
-        ]);
+        let addr =
+            start_server(vec!["--tls-cert".into(), path(&pki.server_cert), "--tls-key".into(), path(&pki.server_key)]);
         Secured { addr, pki }
     });
     let ready = qclient(server, &["health", "--wait-ms", "120000"]);

@@ -37,8 +37,8 @@ impl Tokens {
     pub fn load(file: Option<&Path>, list: &[String]) -> Result<Option<Self>, String> {
         let mut tokens: Vec<Vec<u8>> = Vec::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--auth-tokens-file {}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("--auth-tokens-file {}: {e}", path.display()))?;
             let lines = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty());
             tokens.extend(lines.map(|l| l.as_bytes().to_vec()));
             if tokens.is_empty() {

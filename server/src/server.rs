@@ -14,13 +14,13 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::config::Config;
 use qreformulate::grounding::GROUNDING_FILE;
 
+use crate::auth::{AuthLayer, Tokens};
 use crate::engine::{
     onnx_t5::{self, OnnxT5, SessionSettings},
     pool::{EngineFactory, EnginePool},
     DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
 };
 use crate::error::ServerError;
-use crate::auth::{AuthLayer, Tokens};
 use crate::health::Health;
 use crate::layers::{access::AccessLayer, body_timeout::BodyTimeoutLayer, content_type::GrpcOnlyLayer};
 use crate::runtime;

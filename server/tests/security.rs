@@ -2,9 +2,9 @@
 //! mutual TLS, bearer tokens, the reflection flag, the content-type gate, the concurrent
 //! stream limit, the request body stall timeout, and the access log with its request id.
 
-mod common;
 #[path = "common/certs.rs"]
 mod certs;
+mod common;
 
 use std::{
     future::poll_fn,
@@ -69,8 +69,7 @@ fn query(text: &str) -> ReformulateRequest {
 #[tokio::test]
 async fn tls_server_answers_tls_clients_and_refuses_plaintext() {
     let pki = certs::generate("tls");
-    let server =
-        TestServer::spawn(&["--tls-cert", &flag(&pki.server_cert), "--tls-key", &flag(&pki.server_key)]).await;
+    let server = TestServer::spawn(&["--tls-cert", &flag(&pki.server_cert), "--tls-key", &flag(&pki.server_key)]).await;
     let port = server.addr.port();
     wait_serving_on(tls_channel(port, &pki.ca, None).await.expect("TLS connect")).await;
 
@@ -172,7 +171,10 @@ async fn list_services_v1(addr: std::net::SocketAddr, token: Option<&str>) -> Re
         server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
     let mut client = ServerReflectionClient::new(common::channel(addr).await);
-    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = client.server_reflection_info(with_token(tokio_stream::iter([ask]), token)).await?.into_inner();
     match replies.message().await?.and_then(|r| r.message_response) {
         Some(MessageResponse::ListServicesResponse(list)) => Ok(list.service.into_iter().map(|s| s.name).collect()),
@@ -186,7 +188,10 @@ async fn list_services_v1alpha(addr: std::net::SocketAddr) -> Result<Vec<String>
         server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
     let mut client = ServerReflectionClient::new(common::channel(addr).await);
-    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = client.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
     match replies.message().await?.and_then(|r| r.message_response) {
         Some(MessageResponse::ListServicesResponse(list)) => Ok(list.service.into_iter().map(|s| s.name).collect()),
@@ -202,7 +207,8 @@ async fn reflection_is_off_by_default_and_serves_v1_and_v1alpha_when_on() {
     server.stop().await.unwrap();
 
     let server = TestServer::start(&["--reflection"]).await;
-    for services in [list_services_v1(server.addr, None).await.unwrap(), list_services_v1alpha(server.addr).await.unwrap()]
+    for services in
+        [list_services_v1(server.addr, None).await.unwrap(), list_services_v1alpha(server.addr).await.unwrap()]
     {
         assert!(services.iter().any(|s| s == SERVICE_NAME), "{services:?}");
         assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{services:?}");
@@ -385,7 +391,8 @@ async fn access_log_has_one_line_per_call_and_the_request_id_travels() {
     let logs = captured_logs();
     let secret = "my private medical question";
     for log_queries in [false, true] {
-        let extra: &[&str] = if log_queries { &["--log-queries", "--auth-tokens", "t"] } else { &["--auth-tokens", "t"] };
+        let extra: &[&str] =
+            if log_queries { &["--log-queries", "--auth-tokens", "t"] } else { &["--auth-tokens", "t"] };
         let server = TestServer::start(extra).await;
         let mut client = common::client(server.addr).await;
 

@@ -13,10 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use qreformulate::{code_name, latency::LatencyRecorder};
 use tokio::sync::mpsc;
-use crate::connect::Channel;
 
 use super::print;
 use crate::cli::BenchArgs;
+use crate::connect::Channel;
 use crate::connect::Target;
 use crate::dataset;
 use crate::error::{normalise, ClientError};
