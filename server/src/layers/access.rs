@@ -175,7 +175,7 @@ impl Record {
             target: "qserver::access",
             method = %self.method,
             code = %code,
-            ms = self.started.elapsed().as_secs_f64() * 1e3,
+            ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             request_bytes = self.request_bytes.load(Ordering::Relaxed),
             response_bytes = self.response_bytes,
             peer = %peer,
