@@ -88,8 +88,8 @@ pub struct Config {
     pub max_request_bytes: usize,
 
     /// Largest response message, in bytes (an Evaluate or Benchmark answer over it fails with
-    /// OUT_OF_RANGE).
-    #[arg(long, env = "QSERVER_MAX_RESPONSE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    /// OUT_OF_RANGE). The default holds an Evaluate answer for 100 000 examples (its limit).
+    #[arg(long, env = "QSERVER_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_response_bytes: usize,
 
     /// Seconds a started request body may stall (no bytes from the client) before the call is
@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(c.max_concurrent_streams, 100);
         assert_eq!(c.max_connection_age_secs, 300);
         assert_eq!(c.max_request_bytes, 4 << 20);
-        assert_eq!(c.max_response_bytes, 16 << 20);
+        assert_eq!(c.max_response_bytes, 64 << 20);
         assert!(c.model.ends_with("models/qreformulate-t5"));
         assert_eq!(c.intra_op_threads.get(), 1);
         assert_eq!(c.decoder, DecoderKind::Auto);
