@@ -43,16 +43,20 @@ fn warmup_request(config: &Config) -> GenerateRequest {
 /// connection, 64 KiB stream and 1 MiB connection flow-control windows, so that a stalled
 /// request holds little memory).
 fn transport(config: &Config) -> Server {
-    Server::builder()
+    let server = Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .initial_stream_window_size(64 * 1024)
         .initial_connection_window_size(1024 * 1024)
         .http2_max_header_list_size(config.max_header_list_bytes)
         .http2_keepalive_interval(Config::secs_or_off(config.keepalive_interval_secs))
         .http2_keepalive_timeout(Config::secs_or_off(config.keepalive_timeout_secs))
-        .max_connection_age(Config::secs_or_off(config.max_connection_age_secs).unwrap_or(Duration::MAX))
-        .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_secs))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    match Config::secs_or_off(config.max_connection_age_secs) {
+        Some(age) => server
+            .max_connection_age(age)
+            .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_secs)),
+        None => server,
+    }
 }
 
 /// Runs the server on `listener` until `shutdown` resolves (or the model fails to load).

@@ -424,3 +424,27 @@ async fn access_log_has_one_line_per_call_and_the_request_id_travels() {
         server.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn connections_past_their_age_are_replaced() {
+    let logs = captured_logs();
+    for (age, replaced) in [("1", true), ("0", false)] {
+        let server =
+            TestServer::start(&["--max-connection-age-secs", age, "--max-connection-age-grace-secs", "1"]).await;
+        // One channel, two calls 2.5 s apart: after GOAWAY the channel reconnects, from a new port.
+        let mut client = common::client(server.addr).await;
+        let mut peers = Vec::new();
+        for call in 0..2 {
+            if call == 1 {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            }
+            let id = format!("age-{age}-{call}");
+            let mut request = tonic::Request::new(query("who wrote hamlet"));
+            request.metadata_mut().insert("x-request-id", id.parse().unwrap());
+            client.reformulate(request).await.expect("calls go on across the connection's age");
+            peers.push(access_line(&logs, &id).await["peer"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(peers[0] != peers[1], replaced, "--max-connection-age-secs {age}: peers {peers:?}");
+        server.stop().await.unwrap();
+    }
+}
