@@ -31,6 +31,24 @@ pub struct Cli {
     )]
     pub connect_timeout_ms: u64,
 
+    /// CA certificate (PEM) that signed the server's certificate: connect over TLS (a bare
+    /// host:port gets https://).
+    #[arg(long, env = "QCLIENT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS; needs --tls-key and --tls-ca.
+    #[arg(long, env = "QCLIENT_TLS_CERT", global = true, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "QCLIENT_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Bearer token sent as `authorization: Bearer <token>` on every call (prefer the
+    /// environment variable: command lines are visible to other local users).
+    #[arg(long, env = "QCLIENT_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -21,9 +21,81 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "qserver", version, about, long_about = None)]
 pub struct Config {
-    /// Address to listen on.
-    #[arg(long, env = "QSERVER_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Address to listen on. Loopback by default: set 0.0.0.0:50051 (as the container
+    /// image does) to serve other hosts.
+    #[arg(long, env = "QSERVER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// Server certificate chain (PEM). With --tls-key, the server speaks TLS only.
+    #[arg(long, env = "QSERVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "QSERVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) for mutual TLS: every client must present a certificate signed
+    /// by one of them. Needs --tls-cert and --tls-key.
+    #[arg(long, env = "QSERVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File of accepted bearer tokens, one per line (`#` starts a comment). With it or
+    /// QSERVER_AUTH_TOKENS, every call but the standard health service needs
+    /// `authorization: Bearer <token>`.
+    #[arg(long, env = "QSERVER_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// Accepted bearer tokens, comma-separated (prefer the environment variable to the flag:
+    /// command lines are visible to other local users).
+    #[arg(long, env = "QSERVER_AUTH_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub auth_tokens: Vec<String>,
+
+    /// Serve gRPC server reflection (v1 and v1alpha), which lists the services and their schema.
+    #[arg(long, env = "QSERVER_REFLECTION")]
+    pub reflection: bool,
+
+    /// Put each Reformulate query's text in its access-log line (off: queries may be personal data).
+    #[arg(long, env = "QSERVER_LOG_QUERIES")]
+    pub log_queries: bool,
+
+    /// Most concurrent HTTP/2 streams (calls) per connection; further calls wait on the client.
+    #[arg(long, env = "QSERVER_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub max_concurrent_streams: u32,
+
+    /// Seconds between HTTP/2 keepalive pings on a connection; 0 turns pings off.
+    #[arg(long, env = "QSERVER_KEEPALIVE_INTERVAL_SECS", default_value_t = 60)]
+    pub keepalive_interval_secs: u64,
+
+    /// Seconds to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "QSERVER_KEEPALIVE_TIMEOUT_SECS", default_value_t = 20)]
+    pub keepalive_timeout_secs: u64,
+
+    /// Seconds after which a connection is told to go away (GOAWAY) and the client reconnects,
+    /// so that load spreads to new replicas and idle connections end; 0 keeps connections.
+    #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_SECS", default_value_t = 300)]
+    pub max_connection_age_secs: u64,
+
+    /// Seconds a connection past its age may still finish its calls before it is closed.
+    #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 60)]
+    pub max_connection_age_grace_secs: u64,
+
+    /// Largest request header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE), in bytes.
+    #[arg(long, env = "QSERVER_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
+
+    /// Largest request message, in bytes (larger: OUT_OF_RANGE, as tonic answers).
+    #[arg(long, env = "QSERVER_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Largest response message, in bytes (an Evaluate or Benchmark answer over it fails with
+    /// OUT_OF_RANGE). The default holds an Evaluate answer for 100 000 examples (its limit).
+    #[arg(long, env = "QSERVER_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+
+    /// Seconds a started request body may stall (no bytes from the client) before the call is
+    /// failed and its buffers freed; 0 waits forever.
+    #[arg(long, env = "QSERVER_REQUEST_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_body_timeout_secs: u64,
 
     /// Address of the Prometheus metrics endpoint (plain HTTP, `GET /metrics`); off when unset.
     #[arg(long, env = "QSERVER_METRICS_LISTEN")]
@@ -109,7 +181,23 @@ impl Config {
                 self.default_max_new_tokens, self.max_new_tokens_limit
             ));
         }
+        if self.keepalive_interval_secs > 0 && self.keepalive_timeout_secs == 0 {
+            return Err("--keepalive-timeout-secs must be above 0 when keepalive pings are on".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// Whether the server speaks TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// A duration flag where 0 means "off".
+    pub fn secs_or_off(secs: u64) -> Option<Duration> {
+        (secs > 0).then(|| Duration::from_secs(secs))
     }
 
     /// Workers to start: the flag, or one per available core.
@@ -131,7 +219,12 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ones() {
         let c = Config::try_parse_from(["qserver"]).unwrap();
-        assert_eq!(c.listen.to_string(), "0.0.0.0:50051");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051", "loopback unless told otherwise");
+        assert!(!c.reflection && !c.log_queries && !c.tls() && c.auth_tokens.is_empty());
+        assert_eq!(c.max_concurrent_streams, 100);
+        assert_eq!(c.max_connection_age_secs, 300);
+        assert_eq!(c.max_request_bytes, 4 << 20);
+        assert_eq!(c.max_response_bytes, 64 << 20);
         assert!(c.model.ends_with("models/qreformulate-t5"));
         assert_eq!(c.intra_op_threads.get(), 1);
         assert_eq!(c.decoder, DecoderKind::Auto);
@@ -162,6 +255,18 @@ mod tests {
         assert_eq!(c.native_kernel, Some(Kernel::Avx512Vnni));
         assert!(Config::try_parse_from(["qserver", "--native-kernel", "neon"]).is_err());
         assert!(Config::try_parse_from(["qserver", "--max-input-tokens", "0"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        assert!(Config::try_parse_from(["qserver", "--tls-cert", "c.pem"]).is_err());
+        assert!(Config::try_parse_from(["qserver", "--tls-key", "k.pem"]).is_err());
+        assert!(Config::try_parse_from(["qserver", "--tls-client-ca", "ca.pem"]).is_err());
+        let c = Config::try_parse_from(["qserver", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert!(c.tls());
+        let c = Config::try_parse_from(["qserver", "--auth-tokens", "a,b", "--reflection"]).unwrap();
+        assert_eq!(c.auth_tokens, ["a", "b"]);
+        assert!(c.reflection);
     }
 
     #[test]

@@ -5,18 +5,21 @@
 //! tonic service), and small ones for configuration, errors, health, limits, caching,
 //! deadlines, logging and shutdown.
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod layers;
 pub mod logging;
 pub mod prometheus;
 pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 pub mod validate;
 
 pub use config::Config;

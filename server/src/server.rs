@@ -14,6 +14,7 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::config::Config;
 use qreformulate::grounding::GROUNDING_FILE;
 
+use crate::auth::{AuthLayer, Tokens};
 use crate::engine::{
     native::kernels,
     onnx_t5::{self, OnnxT5, SessionSettings},
@@ -22,6 +23,7 @@ use crate::engine::{
 };
 use crate::error::ServerError;
 use crate::health::Health;
+use crate::layers::{access::AccessLayer, body_timeout::BodyTimeoutLayer, content_type::GrpcOnlyLayer};
 use crate::runtime;
 use crate::service::{ReformulatorService, Shared};
 
@@ -35,6 +37,26 @@ fn warmup_request(config: &Config) -> GenerateRequest {
         params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: true, unguarded: false },
         max_input_tokens: config.max_input_tokens.get(),
         truncate: true,
+    }
+}
+
+/// The HTTP/2 transport with its limits (Envoy's edge settings as the bar: 100 streams per
+/// connection, 64 KiB stream and 1 MiB connection flow-control windows, so that a stalled
+/// request holds little memory).
+fn transport(config: &Config) -> Server {
+    let server = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .http2_max_header_list_size(config.max_header_list_bytes)
+        .http2_keepalive_interval(Config::secs_or_off(config.keepalive_interval_secs))
+        .http2_keepalive_timeout(Config::secs_or_off(config.keepalive_timeout_secs))
+        .tcp_nodelay(true);
+    match Config::secs_or_off(config.max_connection_age_secs) {
+        Some(age) => server
+            .max_connection_age(age)
+            .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_secs)),
+        None => server,
     }
 }
 
@@ -82,11 +104,28 @@ pub async fn serve(
 
     let (health, health_service) = Health::new().await;
     let shared = Arc::new(Shared::new(&config, model.grounding.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Config(format!("reflection service: {e}")))?;
+    // Server reflection, both versions when on: v1 and v1alpha (grpcurl before 1.8.8 and
+    // Python's grpcio-reflection ask v1alpha).
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        let builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let failed = |e: tonic_reflection::server::Error| ServerError::Config(format!("reflection service: {e}"));
+        (Some(builder().build_v1().map_err(failed)?), Some(builder().build_v1alpha().map_err(failed)?))
+    } else {
+        (None, None)
+    };
+    let tls = crate::tls::server_config(&config).map_err(ServerError::Config)?;
+    let tokens = Tokens::load(config.auth_tokens_file.as_deref(), &config.auth_tokens).map_err(ServerError::Config)?;
+    tracing::info!(
+        tls = tls.is_some(),
+        mutual_tls = config.tls_client_ca.is_some(),
+        bearer_tokens = tokens.is_some(),
+        reflection = config.reflection,
+        "security"
+    );
 
     // Load and warm up off the async runtime; health flips to SERVING when done.
     let load_error: Arc<Mutex<Option<ModelError>>> = Arc::default();
@@ -201,10 +240,24 @@ pub async fn serve(
 
     let local_addr = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let mut builder = transport(&config);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| ServerError::Config(format!("TLS: {e}")))?;
+    }
+    let layers = tower::ServiceBuilder::new()
+        .layer(AccessLayer::new(config.log_queries))
+        .layer(GrpcOnlyLayer)
+        .layer(AuthLayer::new(tokens))
+        .layer(BodyTimeoutLayer::new(Config::secs_or_off(config.request_body_timeout_secs)));
+    let reformulator = ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared)))
+        .max_decoding_message_size(config.max_request_bytes)
+        .max_encoding_message_size(config.max_response_bytes);
+    let server = builder
+        .layer(layers)
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))))
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
+        .add_service(reformulator)
         .serve_with_incoming_shutdown(incoming, signal);
     if let Some(addr) = local_addr {
         tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");

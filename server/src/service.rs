@@ -412,6 +412,7 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
     ) -> Result<Response<pb::ReformulateResponse>, Status> {
         let received = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), received);
+        crate::layers::access::note_query(request.extensions(), &request.get_ref().query);
         let result = self.shared.reformulate(request.into_inner(), deadline, received).await;
         self.outcome("Reformulate", received, &result);
         if let Ok(r) = &result {

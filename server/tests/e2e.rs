@@ -364,8 +364,9 @@ async fn reflection_lists_the_service() {
         server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
         server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
-    let addr = shared_server();
-    common::wait_serving(addr).await;
+    // Reflection is off unless --reflection (tests/security.rs checks both ways and v1alpha).
+    let server = common::TestServer::start(&["--reflection"]).await;
+    let addr = server.addr;
     let mut r = ServerReflectionClient::new(common::channel(addr).await);
     let req = ServerReflectionRequest {
         host: String::new(),
@@ -379,6 +380,7 @@ async fn reflection_lists_the_service() {
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&qreformulate::SERVICE_NAME.to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    server.stop().await.unwrap();
 }
 
 #[tokio::test]

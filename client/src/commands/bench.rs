@@ -12,10 +12,10 @@ use indicatif::ProgressBar;
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use qreformulate::{code_name, latency::LatencyRecorder};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use super::print;
 use crate::cli::BenchArgs;
+use crate::connect::Channel;
 use crate::connect::Target;
 use crate::dataset;
 use crate::error::{normalise, ClientError};

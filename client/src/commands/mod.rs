@@ -12,14 +12,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
-use tonic::transport::Channel;
 
 use crate::cli::{Cli, Command};
-use crate::connect::Target;
+use crate::connect::{Channel, Target};
 use crate::error::ClientError;
 
 pub async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    let target = Target { addr: cli.addr.clone(), connect_timeout: cli.connect_timeout(), timeout: cli.timeout() };
+    let target = Target::from_cli(&cli)?;
     match cli.command {
         Command::Chat(args) => chat::run(&target, args).await,
         Command::Reformulate(args) => reformulate::run(&target, args).await,
