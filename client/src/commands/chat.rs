@@ -11,7 +11,7 @@ use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Channel;
+use crate::connect::Channel;
 
 use super::{print, reformulate_once};
 use crate::cli::ChatArgs;
