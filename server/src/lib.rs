@@ -5,6 +5,7 @@
 //! tonic service), and small ones for configuration, errors, health, limits, caching,
 //! deadlines, logging and shutdown.
 
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod deadline;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod health;
 pub mod logging;
 pub mod prometheus;
+pub mod read_ahead;
 pub mod runtime;
 pub mod server;
 pub mod service;

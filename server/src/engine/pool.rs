@@ -15,32 +15,13 @@ use std::{
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
-use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError, Timings};
+use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError};
 
 /// Builds worker `i`'s engine, on that worker's thread.
 pub type EngineFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Engine>, ModelError> + Send + Sync>;
 
-/// Benchmark replay run by one worker: `warmup` untimed generations, then each query
-/// `repeat` times (round-robin over the queries).
-#[derive(Debug, Clone)]
-pub struct BenchmarkPlan {
-    pub queries: Vec<String>,
-    pub repeat: usize,
-    pub warmup: usize,
-    /// Options shared by every run; its `query` is replaced per run.
-    pub template: GenerateRequest,
-}
-
-/// Per-run timings of the measured generations, and the wall time they took together.
-#[derive(Debug, Clone)]
-pub struct BenchmarkRun {
-    pub runs: Vec<Timings>,
-    pub wall: Duration,
-}
-
 enum Job {
     Generate { req: GenerateRequest, cancel: CancelToken, reply: oneshot::Sender<Result<Generation, EngineError>> },
-    Benchmark { plan: BenchmarkPlan, cancel: CancelToken, reply: oneshot::Sender<Result<BenchmarkRun, EngineError>> },
     Stop,
 }
 
@@ -55,7 +36,9 @@ pub struct EnginePool {
 
 impl EnginePool {
     /// Starts `size` workers; each builds its engine and runs `warmup` once before it counts
-    /// as ready. Blocks until all are ready or one fails (then the others are stopped).
+    /// as ready. Blocks until all are ready or one fails; then the others are stopped and
+    /// joined before the error is returned, so that no worker is still inside ONNX Runtime
+    /// when the process exits with it (that crashed the process instead of exiting 1).
     pub fn start(size: usize, factory: EngineFactory, warmup: GenerateRequest) -> Result<Self, ModelError> {
         let size = size.max(1);
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
@@ -82,27 +65,34 @@ impl EnginePool {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     aborted.store(true, Ordering::Relaxed);
+                    for _ in 0..threads.len() {
+                        let _ = tx.send(Job::Stop);
+                    }
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
                     return Err(ModelError::Load { file: "engine worker thread".into(), reason: e.to_string() });
                 }
             }
         }
         drop(ready_tx);
-        let stop_all = |tx: &Sender<Job>| {
+        let fail = |e: ModelError, threads: Vec<JoinHandle<()>>| {
+            aborted.store(true, Ordering::Relaxed);
             for _ in 0..size {
                 let _ = tx.send(Job::Stop);
             }
+            for thread in threads {
+                let _ = thread.join();
+            }
+            Err(e)
         };
         let mut model_id = String::new();
         for _ in 0..size {
             match ready_rx.recv() {
                 Ok(Ok(id)) => model_id = id,
-                Ok(Err(e)) => {
-                    stop_all(&tx);
-                    return Err(e);
-                }
+                Ok(Err(e)) => return fail(e, threads),
                 Err(_) => {
-                    stop_all(&tx);
-                    return Err(ModelError::WarmUp("an engine worker exited during start-up".into()));
+                    return fail(ModelError::WarmUp("an engine worker exited during start-up".into()), threads);
                 }
             }
         }
@@ -121,13 +111,6 @@ impl EnginePool {
     pub async fn generate(&self, req: GenerateRequest, cancel: CancelToken) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Generate { req, cancel, reply })?;
-        rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
-    }
-
-    /// Runs a whole benchmark plan on one worker.
-    pub async fn benchmark(&self, plan: BenchmarkPlan, cancel: CancelToken) -> Result<BenchmarkRun, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Benchmark { plan, cancel, reply })?;
         rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
     }
 
@@ -203,16 +186,14 @@ fn worker(
             Job::Generate { req, cancel, reply } => {
                 let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c)));
             }
-            Job::Benchmark { plan, cancel, reply } => {
-                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_benchmark(engine.as_mut(), &plan, c)));
-            }
         }
     }
     tracing::debug!(worker = index, "engine worker stopped");
 }
 
 /// A job taken after the pool was aborted is refused; otherwise it runs with a cancel token
-/// that the abort also trips.
+/// that the abort also trips. Either way the caller hears UNAVAILABLE (retry elsewhere), not
+/// CANCELLED: the server stopped the call, the client did not.
 fn unless_aborted<T>(
     aborted: &Arc<AtomicBool>,
     cancel: CancelToken,
@@ -221,7 +202,12 @@ fn unless_aborted<T>(
     if aborted.load(Ordering::Relaxed) {
         Err(EngineError::Unavailable("server is shutting down".into()))
     } else {
-        run(&cancel.linked_to(Arc::clone(aborted)))
+        run(&cancel.linked_to(Arc::clone(aborted))).map_err(|e| match e {
+            EngineError::Cancelled if aborted.load(Ordering::Relaxed) => EngineError::Unavailable(
+                "server is shutting down: the call was stopped when the grace period ran out; retry".into(),
+            ),
+            other => other,
+        })
     }
 }
 
@@ -242,34 +228,10 @@ fn run_guarded(
     })
 }
 
-fn run_benchmark(
-    engine: &mut dyn Engine,
-    plan: &BenchmarkPlan,
-    cancel: &CancelToken,
-) -> Result<BenchmarkRun, EngineError> {
-    let mut req = plan.template.clone();
-    if plan.queries.is_empty() {
-        return Ok(BenchmarkRun { runs: Vec::new(), wall: Duration::ZERO });
-    }
-    for i in 0..plan.warmup {
-        req.query.clone_from(&plan.queries[i % plan.queries.len()]);
-        run_guarded(engine, &req, cancel)?;
-    }
-    let mut runs = Vec::with_capacity(plan.queries.len() * plan.repeat);
-    let started = Instant::now();
-    for _ in 0..plan.repeat {
-        for q in &plan.queries {
-            req.query.clone_from(q);
-            runs.push(run_guarded(engine, &req, cancel)?.timings);
-        }
-    }
-    Ok(BenchmarkRun { runs, wall: started.elapsed() })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Candidate, GenerationParams, SearchKind};
+    use crate::engine::{Candidate, GenerationParams, SearchKind, Timings};
 
     /// Echoes the query; counts calls; fails on "fail", panics on "panic".
     struct Echo {
@@ -341,14 +303,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn benchmark_runs_queries_times_repeat() {
-        let pool = pool(2);
-        let plan = BenchmarkPlan { queries: vec!["x".into(), "y".into()], repeat: 3, warmup: 2, template: request("") };
-        let run = pool.benchmark(plan, CancelToken::new(None)).await.unwrap();
-        assert_eq!(run.runs.len(), 6);
-    }
-
-    #[tokio::test]
     async fn failing_factory_fails_start_with_its_error() {
         let factory: EngineFactory = Arc::new(|i| {
             if i == 1 {
@@ -359,6 +313,51 @@ mod tests {
         });
         let err = EnginePool::start(2, factory, request("warm")).err().expect("start must fail");
         assert!(err.to_string().contains("nope.onnx"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn failed_start_returns_only_after_every_worker_has_exited() {
+        // Worker 0 fails at once; the others are still loading, as ONNX Runtime sessions would be.
+        let loading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let still = Arc::clone(&loading);
+        let factory: EngineFactory = Arc::new(move |i| {
+            if i == 0 {
+                return Err(ModelError::MissingFile("bad.onnx".into()));
+            }
+            still.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(300));
+            still.fetch_sub(1, Ordering::SeqCst);
+            Ok(Box::new(Echo { calls: 0 }) as Box<dyn Engine>)
+        });
+        assert!(EnginePool::start(4, factory, request("warm")).is_err());
+        assert_eq!(loading.load(Ordering::SeqCst), 0, "start returned while workers were still loading");
+    }
+
+    #[tokio::test]
+    async fn jobs_cut_by_the_stop_are_unavailable_not_cancelled() {
+        struct Slow;
+        impl Engine for Slow {
+            fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+                for step in 0..if req.query == "warm" { 1 } else { 1000 } {
+                    cancel.check(step)?;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Echo { calls: 0 }.generate(req, cancel)
+            }
+            fn model_id(&self) -> &str {
+                "slow"
+            }
+        }
+        let factory: EngineFactory = Arc::new(|_| Ok(Box::new(Slow) as Box<dyn Engine>));
+        let pool = Arc::new(EnginePool::start(1, factory, request("warm")).unwrap());
+        let running = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.generate(request("long"), CancelToken::new(None)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.stop();
+        let result = running.await.unwrap();
+        assert!(matches!(result, Err(EngineError::Unavailable(ref m)) if m.contains("shutting down")), "{result:?}");
     }
 
     #[tokio::test]
