@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod deadline;
+pub mod decode_errors;
 pub mod engine;
 pub mod error;
 pub mod health;

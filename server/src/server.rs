@@ -19,6 +19,7 @@ use crate::engine::{
     pool::{EngineFactory, EnginePool},
     DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
 };
+use crate::decode_errors::DecodeErrors;
 use crate::error::ServerError;
 use crate::health::Health;
 use crate::runtime;
@@ -185,7 +186,7 @@ pub async fn serve(
     let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))))
+        .add_service(DecodeErrors::new(ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))), Arc::clone(&shared)))
         .serve_with_incoming_shutdown(incoming, signal);
     if let Some(addr) = local_addr {
         tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");

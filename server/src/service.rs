@@ -407,10 +407,36 @@ struct BenchmarkRun {
 /// What is served for one candidate: the guards' answer, or the plain split when the request
 /// is unguarded.
 fn answer(candidate: &Candidate, valid: &ValidRequest, ctx: &QueryContext<'_>) -> Answer {
-    if valid.params.unguarded {
-        guards::unguarded(&candidate.text, &valid.query)
+    let text = served_text(&candidate.text);
+    let mut answer = if valid.params.unguarded {
+        guards::unguarded(&text, &valid.query)
     } else {
-        guards::sanitize_in(&candidate.text, &valid.query, ctx, Some(candidate.mean_logprob))
+        guards::sanitize_in(&text, &valid.query, ctx, Some(candidate.mean_logprob))
+    };
+    clean_subqueries(&mut answer.subqueries);
+    answer
+}
+
+/// Byte-level tokens can decode to U+FFFD (half a character): it is never served.
+fn served_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\u{FFFD}') {
+        text.replace('\u{FFFD}', "").into()
+    } else {
+        text.into()
+    }
+}
+
+/// `|` separates subqueries and U+FFFD is no text: neither is left in a served subquery (a
+/// fallback is the query itself, which may hold both).
+fn clean_subqueries(subqueries: &mut Vec<String>) {
+    for s in subqueries.iter_mut() {
+        if s.contains(['|', '\u{FFFD}']) {
+            *s = qreformulate::subqueries::collapse_whitespace(&s.replace('|', " ").replace('\u{FFFD}', ""));
+        }
+    }
+    // Never empty: a query of nothing but separators keeps its (empty) answer.
+    if subqueries.iter().any(|s| !s.is_empty()) {
+        subqueries.retain(|s| !s.is_empty());
     }
 }
 
@@ -431,7 +457,7 @@ pub fn build_response(
             .iter()
             .map(|(a, c)| pb::Candidate {
                 subqueries: a.subqueries.clone(),
-                text: c.text.clone(),
+                text: served_text(&c.text).into_owned(),
                 score: c.score,
                 fallback_reason: pb::FallbackReason::from(a.fallback).into(),
                 mean_logprob: c.mean_logprob,
@@ -646,6 +672,17 @@ mod tests {
         let r = build_response(&unguarded, &generation(&[text]), "m", Some(&rules));
         assert_eq!(r.subqueries, qreformulate::subqueries::split(text, QUERY));
         assert!(!r.grounded);
+    }
+
+    #[test]
+    fn served_subqueries_hold_no_separator_and_no_replacement_character() {
+        let r = build_response(&valid(SearchKind::Greedy), &generation(&["Ada\u{FFFD} lifespan | Bob lifespan"]), "m", None);
+        assert_eq!(r.subqueries, vec!["Ada lifespan", "Bob lifespan"]);
+        // A fallback is the query, which may hold the separator.
+        let mut piped = valid(SearchKind::Greedy);
+        piped.query = "Ada | Bob lifespan?".into();
+        let r = build_response(&piped, &generation(&[""]), "m", None);
+        assert_eq!((r.fallback_reason(), r.subqueries), (pb::FallbackReason::Empty, vec!["Ada Bob lifespan?".to_owned()]));
     }
 
     #[test]

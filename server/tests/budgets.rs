@@ -166,18 +166,7 @@ async fn evaluate_echoes_labels_only_when_asked_and_limits_labels_and_response()
 /// model answers). Returns the call's grpc-status and grpc-message.
 async fn evaluate_frame_per_message(addr: std::net::SocketAddr, count: usize) -> (String, String) {
     use prost::Message;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/qreformulate.v1.Reformulator/Evaluate"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(request, false).unwrap();
+    let (response, mut body, connection) = raw_call(addr, "Evaluate").await;
     for i in 0..count {
         let message = example(&format!("{QUERY} {i}"), &["Nikola Tesla lifespan"], false).encode_to_vec();
         let mut frame = Vec::with_capacity(5 + message.len());
@@ -199,10 +188,34 @@ async fn evaluate_frame_per_message(addr: std::net::SocketAddr, count: usize) ->
         Ok(response) => response,
         Err(e) => panic!("no response: {e}; connection: {:?}", connection.await),
     };
+    grpc_status(response).await
+}
+
+/// Opens a raw HTTP/2 gRPC call to `method` of the service.
+async fn raw_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/qreformulate.v1.Reformulator/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, body) = h2.send_request(request, false).unwrap();
+    (response, body, connection)
+}
+
+/// The grpc-status and grpc-message of a finished call (headers when trailers-only).
+async fn grpc_status(response: http::Response<h2::RecvStream>) -> (String, String) {
     let (parts, mut received) = response.into_parts();
-    let header = |map: &http::HeaderMap, name: &str| {
-        map.get(name).map(|v| v.to_str().unwrap().to_owned())
-    };
+    // grpc-message is percent-encoded.
+    let header = |map: &http::HeaderMap, name: &str| map.get(name).map(|v| percent_decode(v.to_str().unwrap()));
     if let Some(status) = header(&parts.headers, "grpc-status") {
         return (status, header(&parts.headers, "grpc-message").unwrap_or_default());
     }
@@ -253,4 +266,53 @@ async fn calls_cut_by_the_end_of_the_grace_period_are_unavailable() {
     assert_eq!(status.code(), Code::Unavailable, "retry policies must see UNAVAILABLE: {status:?}");
     assert!(status.message().contains("shutting down"), "{status:?}");
     stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_messages_are_invalid_argument_not_internal() {
+    let server = TestServer::start(&["--workers", "1"]).await;
+    // Field 1 (query) as a length-delimited string that claims more bytes than there are.
+    let garbage: &[u8] = &[0x0a, 0x7f, b'a'];
+    for method in ["Reformulate", "Benchmark", "Evaluate"] {
+        let (response, mut body, _connection) = raw_call(server.addr, method).await;
+        let mut frame = vec![0];
+        frame.extend_from_slice(&(garbage.len() as u32).to_be_bytes());
+        frame.extend_from_slice(garbage);
+        body.send_data(bytes::Bytes::from(frame), true).unwrap();
+        let (status, message) = grpc_status(response.await.unwrap()).await;
+        assert_eq!(status, "3", "{method}: INVALID_ARGUMENT expected, got {status} {message}");
+        assert!(message.contains("not a valid"), "{method}: {message}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn invisible_queries_are_refused_and_answers_hold_no_separator() {
+    let server = TestServer::start(&["--workers", "1", "--cache-capacity", "0"]).await;
+    let mut c = client(server.addr).await;
+    let status = c.reformulate(reformulate("\u{200B}\u{200D}\u{FEFF} \u{2060}", 4)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("invisible"), "{status:?}");
+    // A query with the separator in it, answered with at most 1 token: whatever the model
+    // writes or the guards fall back to, no subquery holds '|' or U+FFFD.
+    for query in ["Tesla | Edison: who lived longer?", "a|b|c", "caf\u{FFFD} | bar"] {
+        let r = c.reformulate(reformulate(query, 1)).await.unwrap().into_inner();
+        assert!(!r.subqueries.is_empty());
+        assert!(r.subqueries.iter().all(|s| !s.contains(['|', '\u{FFFD}']) && !s.is_empty()), "{query}: {r:?}");
+    }
+    server.stop().await.unwrap();
+}
+
+fn percent_decode(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+            out.push(u8::from_str_radix(&hex, 16).unwrap());
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).unwrap()
 }

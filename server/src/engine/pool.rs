@@ -164,7 +164,7 @@ fn worker(
     aborted: Arc<AtomicBool>,
 ) {
     let started = Instant::now();
-    match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)) {
+    match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)).and_then(sane) {
         Ok(g) => {
             tracing::info!(
                 worker = index,
@@ -189,6 +189,20 @@ fn worker(
         }
     }
     tracing::debug!(worker = index, "engine worker stopped");
+}
+
+/// The warm-up answer must have finite scores: NaN or infinite weights (a corrupt ONNX file)
+/// make every logit NaN, and the server would answer the query itself to everything.
+fn sane(g: Generation) -> Result<Generation, EngineError> {
+    match g.candidates.first() {
+        Some(c) if c.score.is_finite() && c.mean_logprob.is_finite() => Ok(g),
+        Some(c) => Err(EngineError::Model(format!(
+            "the warm-up answer has non-finite scores (score {}, mean log-probability {}): the model's \
+             weights hold NaN or infinite values",
+            c.score, c.mean_logprob
+        ))),
+        None => Err(EngineError::Model("the warm-up generation returned no candidate".into())),
+    }
 }
 
 /// A job taken after the pool was aborted is refused; otherwise it runs with a cancel token
@@ -313,6 +327,31 @@ mod tests {
         });
         let err = EnginePool::start(2, factory, request("warm")).err().expect("start must fail");
         assert!(err.to_string().contains("nope.onnx"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn warm_up_with_non_finite_scores_fails_the_start() {
+        struct Nan;
+        impl Engine for Nan {
+            fn generate(&mut self, req: &GenerateRequest, _: &CancelToken) -> Result<Generation, EngineError> {
+                Ok(Generation {
+                    candidates: vec![Candidate {
+                        text: req.query.clone(),
+                        score: f64::NAN,
+                        mean_logprob: f64::NAN,
+                        tokens: 1,
+                    }],
+                    timings: Timings::default(),
+                    truncated: false,
+                })
+            }
+            fn model_id(&self) -> &str {
+                "nan"
+            }
+        }
+        let factory: EngineFactory = Arc::new(|_| Ok(Box::new(Nan) as Box<dyn Engine>));
+        let err = EnginePool::start(2, factory, request("warm")).err().expect("NaN scores must fail the start");
+        assert!(err.to_string().contains("non-finite"), "{err}");
     }
 
     #[tokio::test]
