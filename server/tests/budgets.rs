@@ -269,8 +269,20 @@ async fn calls_cut_by_the_end_of_the_grace_period_are_unavailable() {
 }
 
 #[tokio::test]
-async fn undecodable_messages_are_invalid_argument_not_internal() {
-    let server = TestServer::start(&["--workers", "1"]).await;
+async fn undecodable_and_abandoned_calls_are_answered_and_counted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let server = TestServer::start(&[
+        "--workers",
+        "1",
+        "--metrics-listen",
+        &metrics,
+        "--max-new-tokens-limit",
+        "4096",
+        "--cache-capacity",
+        "0",
+    ])
+    .await;
     // Field 1 (query) as a length-delimited string that claims more bytes than there are.
     let garbage: &[u8] = &[0x0a, 0x7f, b'a'];
     for method in ["Reformulate", "Benchmark", "Evaluate"] {
@@ -282,6 +294,21 @@ async fn undecodable_messages_are_invalid_argument_not_internal() {
         let (status, message) = grpc_status(response.await.unwrap()).await;
         assert_eq!(status, "3", "{method}: INVALID_ARGUMENT expected, got {status} {message}");
         assert!(message.contains("not a valid"), "{method}: {message}");
+    }
+    // A client that gives up on a long generation (its future dropped).
+    let mut c = client(server.addr).await;
+    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
+    let call = ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false };
+    assert!(tokio::time::timeout(Duration::from_millis(300), c.reformulate(call)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = common::http_get(metrics.parse().unwrap(), "/metrics").await;
+    for line in [
+        r#"qreformulate_undecodable_messages_total{rpc="Reformulate"} 1"#,
+        r#"qreformulate_undecodable_messages_total{rpc="Benchmark"} 1"#,
+        r#"qreformulate_undecodable_messages_total{rpc="Evaluate"} 1"#,
+        r#"qreformulate_abandoned_total{rpc="Reformulate"} 1"#,
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
     }
     server.stop().await.unwrap();
 }
