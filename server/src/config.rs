@@ -113,6 +113,10 @@ pub struct Config {
     /// Largest Evaluate response, in bytes (gRPC clients refuse messages over 4 MiB by default).
     #[arg(long, env = "QSERVER_MAX_EVALUATE_RESPONSE_BYTES", default_value = "4194304")]
     pub max_evaluate_response_bytes: NonZeroUsize,
+    /// A worker on one generation for longer than this many seconds counts as stuck: health
+    /// says NOT_SERVING until it is free again.
+    #[arg(long, env = "QSERVER_STUCK_WORKER_SECS", default_value = "60")]
+    pub stuck_worker_secs: NonZeroU64,
     // --- end of work budgets ---
 
     /// Seconds to let in-flight requests finish after a shutdown signal.
@@ -147,6 +151,10 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
     }
 
+    pub fn stuck_worker_time(&self) -> Duration {
+        Duration::from_secs(self.stuck_worker_secs.get())
+    }
+
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
     }
@@ -173,6 +181,7 @@ mod tests {
         assert_eq!((c.max_evaluate_examples.get(), c.max_benchmark_runs.get()), (100_000, 100_000));
         assert_eq!((c.max_call_tokens.get(), c.max_call_secs.get()), (2_000_000, 600));
         assert_eq!((c.max_label_chars.get(), c.max_evaluate_response_bytes.get()), (4000, 4 << 20));
+        assert_eq!(c.stuck_worker_time(), Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.worker_count() >= 1);
         c.validate().unwrap();

@@ -21,6 +21,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod validate;
+pub mod watchdog;
 
 pub use config::Config;
 pub use error::ServerError;

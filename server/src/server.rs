@@ -164,6 +164,8 @@ pub async fn serve(
         })
     };
 
+    let watchdog = crate::watchdog::spawn(Arc::clone(&shared), health.clone(), config.stuck_worker_time());
+
     // Shutdown: on the caller's signal or a failed load, stop answering (NOT_SERVING and
     // UNAVAILABLE), then let tonic drain; the grace timer starts at the same moment.
     let (drain_started_tx, drain_started_rx) = oneshot::channel::<()>();
@@ -210,6 +212,7 @@ pub async fn serve(
     };
 
     stats_logger.abort();
+    watchdog.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();
     }

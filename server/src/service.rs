@@ -103,6 +103,16 @@ impl Shared {
         }
     }
 
+    /// How long the longest-running generation has been running (zero before the model is
+    /// ready or when the workers are idle).
+    pub fn longest_busy(&self) -> std::time::Duration {
+        self.pool.get().map_or(std::time::Duration::ZERO, EnginePool::longest_busy)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
     }

@@ -343,3 +343,38 @@ fn percent_decode(text: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+#[tokio::test]
+async fn health_is_not_serving_while_a_worker_is_stuck() {
+    let server = TestServer::start(&[
+        "--workers",
+        "1",
+        "--stuck-worker-secs",
+        "1",
+        "--max-new-tokens-limit",
+        "4096",
+        "--cache-capacity",
+        "0",
+    ])
+    .await;
+    let mut c = client(server.addr).await;
+    // 4096 tokens x 8 beams: many seconds on one worker, far past the 1 s allowed here.
+    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
+    let call = tokio::spawn(async move {
+        c.reformulate(ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false }).await
+    });
+    let status = |addr| async move { common::health_status(addr, qreformulate::SERVICE_NAME).await };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(server.addr).await == ServingStatus::Serving {
+        assert!(Instant::now() < deadline, "health stayed SERVING with a worker stuck for 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client gives up: the worker is free and health comes back.
+    call.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(server.addr).await != ServingStatus::Serving {
+        assert!(Instant::now() < deadline, "health did not come back after the worker was freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await.unwrap();
+}

@@ -5,7 +5,7 @@
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -32,6 +32,34 @@ pub struct EnginePool {
     /// Set by `stop`: queued jobs are refused and running ones cancelled at their next step.
     aborted: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    busy: Arc<Busy>,
+}
+
+/// When each worker took its current job, for the watchdog: milliseconds since `epoch` plus
+/// one, 0 while idle.
+struct Busy {
+    epoch: Instant,
+    since: Vec<AtomicU64>,
+}
+
+impl Busy {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn start(&self, worker: usize) {
+        self.since[worker].store(self.now(), Ordering::Relaxed);
+    }
+
+    fn end(&self, worker: usize) {
+        self.since[worker].store(0, Ordering::Relaxed);
+    }
+
+    fn longest(&self) -> Duration {
+        let now = self.now();
+        let started = self.since.iter().map(|s| s.load(Ordering::Relaxed)).filter(|&s| s != 0).min();
+        started.map_or(Duration::ZERO, |s| Duration::from_millis(now.saturating_sub(s)))
+    }
 }
 
 impl EnginePool {
@@ -44,6 +72,7 @@ impl EnginePool {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let aborted = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(Busy { epoch: Instant::now(), since: (0..size).map(|_| AtomicU64::new(0)).collect() });
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
             let rx = rx.clone();
@@ -51,6 +80,7 @@ impl EnginePool {
             let ready_tx = ready_tx.clone();
             let warmup = warmup.clone();
             let worker_aborted = Arc::clone(&aborted);
+            let worker_busy = Arc::clone(&busy);
             let spawned = thread::Builder::new().name(format!("qserver-engine-{i}")).spawn(move || {
                 let engine = match factory(i) {
                     Ok(engine) => engine,
@@ -59,7 +89,7 @@ impl EnginePool {
                         return;
                     }
                 };
-                worker(i, engine, rx, ready_tx, warmup, worker_aborted);
+                worker(i, engine, rx, ready_tx, warmup, worker_aborted, worker_busy);
             });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -96,7 +126,7 @@ impl EnginePool {
                 }
             }
         }
-        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads) })
+        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads), busy })
     }
 
     pub fn size(&self) -> usize {
@@ -105,6 +135,11 @@ impl EnginePool {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// How long the worker longest on its current job has been on it (zero when all are idle).
+    pub fn longest_busy(&self) -> Duration {
+        self.busy.longest()
     }
 
     /// Queues one generation on the next free worker.
@@ -162,6 +197,7 @@ fn worker(
     ready: mpsc::Sender<Result<String, ModelError>>,
     warmup: GenerateRequest,
     aborted: Arc<AtomicBool>,
+    busy: Arc<Busy>,
 ) {
     let started = Instant::now();
     match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)).and_then(sane) {
@@ -184,7 +220,10 @@ fn worker(
         match job {
             Job::Stop => break,
             Job::Generate { req, cancel, reply } => {
-                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c)));
+                busy.start(index);
+                let result = unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c));
+                busy.end(index);
+                let _ = reply.send(result);
             }
         }
     }
