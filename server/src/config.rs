@@ -118,7 +118,6 @@ pub struct Config {
     #[arg(long, env = "QSERVER_STUCK_WORKER_SECS", default_value = "60")]
     pub stuck_worker_secs: NonZeroU64,
     // --- end of work budgets ---
-
     /// Seconds to let in-flight requests finish after a shutdown signal.
     #[arg(long, env = "QSERVER_GRACE_PERIOD_SECS", default_value_t = 10)]
     pub grace_period_secs: u64,

@@ -14,12 +14,12 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::config::Config;
 use qreformulate::grounding::GROUNDING_FILE;
 
+use crate::decode_errors::DecodeErrors;
 use crate::engine::{
     onnx_t5::{self, OnnxT5, SessionSettings},
     pool::{EngineFactory, EnginePool},
     DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
 };
-use crate::decode_errors::DecodeErrors;
 use crate::error::ServerError;
 use crate::health::Health;
 use crate::runtime;
@@ -188,7 +188,10 @@ pub async fn serve(
     let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(DecodeErrors::new(ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))), Arc::clone(&shared)))
+        .add_service(DecodeErrors::new(
+            ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared))),
+            Arc::clone(&shared),
+        ))
         .serve_with_incoming_shutdown(incoming, signal);
     if let Some(addr) = local_addr {
         tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");

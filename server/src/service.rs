@@ -9,13 +9,13 @@ use std::{
     time::Instant,
 };
 
+use prost::Message;
 use qreformulate::{
     grounding::{QueryContext, WordRules},
     guards::{self, Answer, FallbackReason},
     metrics::{GuardOutcome, MetricTable},
     pb,
 };
-use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -271,11 +271,8 @@ impl Shared {
             let scores = table.add(&answer.subqueries, expected, &example.kind, outcome);
             echo.add(std::slice::from_ref(&valid.query), expected, &example.kind, GuardOutcome::echo(rules));
             // The client has its examples: query and labels come back only when asked for.
-            let (query, expected_subqueries) = if echo_examples {
-                (example.query, example.expected_subqueries)
-            } else {
-                (String::new(), Vec::new())
-            };
+            let (query, expected_subqueries) =
+                if echo_examples { (example.query, example.expected_subqueries) } else { (String::new(), Vec::new()) };
             let row = pb::EvaluatedExample {
                 query,
                 expected_subqueries,
@@ -313,7 +310,9 @@ impl Shared {
     }
 
     fn response_too_large(&self, at: &str, echo_examples: bool) -> ServiceError {
-        let hint = if echo_examples { "; leave echo_examples off or send fewer examples per call" } else {
+        let hint = if echo_examples {
+            "; leave echo_examples off or send fewer examples per call"
+        } else {
             "; send fewer examples per call (or fewer distinct kinds)"
         };
         ServiceError::ResourceExhausted(format!(
@@ -686,13 +685,21 @@ mod tests {
 
     #[test]
     fn served_subqueries_hold_no_separator_and_no_replacement_character() {
-        let r = build_response(&valid(SearchKind::Greedy), &generation(&["Ada\u{FFFD} lifespan | Bob lifespan"]), "m", None);
+        let r = build_response(
+            &valid(SearchKind::Greedy),
+            &generation(&["Ada\u{FFFD} lifespan | Bob lifespan"]),
+            "m",
+            None,
+        );
         assert_eq!(r.subqueries, vec!["Ada lifespan", "Bob lifespan"]);
         // A fallback is the query, which may hold the separator.
         let mut piped = valid(SearchKind::Greedy);
         piped.query = "Ada | Bob lifespan?".into();
         let r = build_response(&piped, &generation(&[""]), "m", None);
-        assert_eq!((r.fallback_reason(), r.subqueries), (pb::FallbackReason::Empty, vec!["Ada Bob lifespan?".to_owned()]));
+        assert_eq!(
+            (r.fallback_reason(), r.subqueries),
+            (pb::FallbackReason::Empty, vec!["Ada Bob lifespan?".to_owned()])
+        );
     }
 
     #[test]

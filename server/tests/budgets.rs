@@ -116,15 +116,9 @@ async fn benchmark_over_the_token_budget_is_refused_up_front() {
 
 #[tokio::test]
 async fn evaluate_echoes_labels_only_when_asked_and_limits_labels_and_response() {
-    let server = TestServer::start(&[
-        "--workers",
-        "1",
-        "--max-label-chars",
-        "100",
-        "--max-evaluate-response-bytes",
-        "1500",
-    ])
-    .await;
+    let server =
+        TestServer::start(&["--workers", "1", "--max-label-chars", "100", "--max-evaluate-response-bytes", "1500"])
+            .await;
     let mut c = client(server.addr).await;
     let two = |echo| {
         vec![example(QUERY, &["Nikola Tesla lifespan", "Milutin Milankovic lifespan"], echo), {
