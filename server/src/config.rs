@@ -1,6 +1,11 @@
 //! Server configuration: one struct from flags and environment, passed down whole.
 
-use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU64, NonZeroUsize},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Parser, ValueEnum};
 
@@ -159,6 +164,39 @@ pub struct Config {
     #[arg(long, env = "QSERVER_CACHE_CAPACITY", default_value_t = 10_000)]
     pub cache_capacity: u64,
 
+    // --- Work budgets of one Evaluate or Benchmark call (docs/service.md, "Limits") ---
+    /// Most examples one Evaluate call may stream.
+    #[arg(long, env = "QSERVER_MAX_EVALUATE_EXAMPLES", default_value = "100000")]
+    pub max_evaluate_examples: NonZeroUsize,
+
+    /// Most measured generations (queries x repeat) in one Benchmark call.
+    #[arg(long, env = "QSERVER_MAX_BENCHMARK_RUNS", default_value = "100000")]
+    pub max_benchmark_runs: NonZeroUsize,
+
+    /// Most tokens one Evaluate or Benchmark call may generate, counted once per beam or
+    /// sample. Benchmark plans whose worst case is over it are refused up front; an
+    /// evaluation is stopped when it gets there.
+    #[arg(long, env = "QSERVER_MAX_CALL_TOKENS", default_value = "2000000")]
+    pub max_call_tokens: NonZeroU64,
+
+    /// Wall-clock budget of one Evaluate or Benchmark call, in seconds; the call is stopped
+    /// with RESOURCE_EXHAUSTED when it runs out.
+    #[arg(long, env = "QSERVER_MAX_CALL_SECS", default_value = "600")]
+    pub max_call_secs: NonZeroU64,
+
+    /// Longest label of one Evaluate example (its expected_subqueries together, plus kind),
+    /// in characters.
+    #[arg(long, env = "QSERVER_MAX_LABEL_CHARS", default_value = "4000")]
+    pub max_label_chars: NonZeroUsize,
+
+    /// Largest Evaluate response, in bytes (gRPC clients refuse messages over 4 MiB by default).
+    #[arg(long, env = "QSERVER_MAX_EVALUATE_RESPONSE_BYTES", default_value = "4194304")]
+    pub max_evaluate_response_bytes: NonZeroUsize,
+    /// A worker on one generation for longer than this many seconds counts as stuck: health
+    /// says NOT_SERVING until it is free again.
+    #[arg(long, env = "QSERVER_STUCK_WORKER_SECS", default_value = "60")]
+    pub stuck_worker_secs: NonZeroU64,
+    // --- end of work budgets ---
     /// Seconds to let in-flight requests finish after a shutdown signal.
     #[arg(long, env = "QSERVER_GRACE_PERIOD_SECS", default_value_t = 10)]
     pub grace_period_secs: u64,
@@ -207,6 +245,10 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
     }
 
+    pub fn stuck_worker_time(&self) -> Duration {
+        Duration::from_secs(self.stuck_worker_secs.get())
+    }
+
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
     }
@@ -236,6 +278,10 @@ mod tests {
         assert_eq!(c.max_new_tokens_limit.get(), 256);
         assert_eq!(c.cache_capacity, 10_000);
         assert_eq!(c.grace_period_secs, 10);
+        assert_eq!((c.max_evaluate_examples.get(), c.max_benchmark_runs.get()), (100_000, 100_000));
+        assert_eq!((c.max_call_tokens.get(), c.max_call_secs.get()), (2_000_000, 600));
+        assert_eq!((c.max_label_chars.get(), c.max_evaluate_response_bytes.get()), (4000, 4 << 20));
+        assert_eq!(c.stuck_worker_time(), Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.worker_count() >= 1);
         c.validate().unwrap();

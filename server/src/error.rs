@@ -22,6 +22,10 @@ pub enum ServiceError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Reading the request stream failed; tonic's own status (a message over the size limit,
+    /// a broken stream) is answered as it is.
+    #[error("{}", .0.message())]
+    Stream(Status),
 }
 
 impl From<EngineError> for ServiceError {
@@ -48,6 +52,7 @@ impl ServiceError {
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Stream(s) => s.code(),
         }
     }
 }
@@ -60,6 +65,7 @@ impl From<ServiceError> for Status {
                 tracing::error!(%cause, "internal error");
                 Status::new(code, "internal error; the cause is in the server log")
             }
+            ServiceError::Stream(status) => status,
             ServiceError::InvalidArgument(m)
             | ServiceError::ResourceExhausted(m)
             | ServiceError::DeadlineExceeded(m)

@@ -6,21 +6,25 @@
 //! deadlines, logging and shutdown.
 
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod deadline;
+pub mod decode_errors;
 pub mod engine;
 pub mod error;
 pub mod health;
 pub mod layers;
 pub mod logging;
 pub mod prometheus;
+pub mod read_ahead;
 pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod tls;
 pub mod validate;
+pub mod watchdog;
 
 pub use config::Config;
 pub use error::ServerError;

@@ -28,6 +28,8 @@ pub struct Metrics {
     generated_tokens: IntCounter,
     fallbacks: IntCounterVec,
     build_info: IntGaugeVec,
+    abandoned: IntCounterVec,
+    undecodable: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -58,6 +60,23 @@ impl Metrics {
             &["reason"],
         )
         .expect("constant metric definition; this is a bug");
+        let abandoned = IntCounterVec::new(
+            Opts::new(
+                "abandoned_total",
+                "RPCs the client cancelled or disconnected from before the answer (not in requests_total).",
+            ),
+            &["rpc"],
+        )
+        .expect("constant metric definition; this is a bug");
+        let undecodable = IntCounterVec::new(
+            Opts::new("undecodable_messages_total", "Request messages that were not valid protobuf, by method."),
+            &["rpc"],
+        )
+        .expect("constant metric definition; this is a bug");
+        for rpc in ["Reformulate", "Evaluate", "Benchmark"] {
+            abandoned.with_label_values(&[rpc]);
+            undecodable.with_label_values(&[rpc]);
+        }
         // Every reason from the start: a rate over a series that appears late reads wrong.
         for reason in FallbackReason::ALL {
             fallbacks.with_label_values(&[reason.name()]);
@@ -76,10 +95,12 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(generated_tokens.clone()),
             Box::new(fallbacks.clone()),
+            Box::new(abandoned.clone()),
+            Box::new(undecodable.clone()),
         ] {
             registry.register(c).expect("each metric is registered once; this is a bug");
         }
-        Self { registry, requests, latency, generated_tokens, fallbacks, build_info }
+        Self { registry, requests, latency, generated_tokens, fallbacks, build_info, abandoned, undecodable }
     }
 
     /// Set once the model is loaded: `decoder` is `native` or `onnx`; `kernel` is the native
@@ -93,6 +114,17 @@ impl Metrics {
     pub fn observe(&self, rpc: &str, code: tonic::Code, elapsed: Duration) {
         self.requests.with_label_values(&[rpc, qreformulate::code_name(code)]).inc();
         self.latency.with_label_values(&[rpc]).observe(elapsed.as_secs_f64());
+    }
+
+    /// One RPC whose client went away (cancelled, timed out on its side, disconnected) before
+    /// the answer: its handler was dropped, so `observe` never ran for it.
+    pub fn abandoned(&self, rpc: &str) {
+        self.abandoned.with_label_values(&[rpc]).inc();
+    }
+
+    /// One request message that did not decode.
+    pub fn decode_failure(&self, rpc: &str) {
+        self.undecodable.with_label_values(&[rpc]).inc();
     }
 
     /// Tokens the model generated for one answer (not for cache hits).

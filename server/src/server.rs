@@ -15,6 +15,7 @@ use crate::config::Config;
 use qreformulate::grounding::GROUNDING_FILE;
 
 use crate::auth::{AuthLayer, Tokens};
+use crate::decode_errors::DecodeErrors;
 use crate::engine::{
     native::kernels,
     onnx_t5::{self, OnnxT5, SessionSettings},
@@ -221,6 +222,8 @@ pub async fn serve(
         })
     };
 
+    let watchdog = crate::watchdog::spawn(Arc::clone(&shared), health.clone(), config.stuck_worker_time());
+
     // Shutdown: on the caller's signal or a failed load, stop answering (NOT_SERVING and
     // UNAVAILABLE), then let tonic drain; the grace timer starts at the same moment.
     let (drain_started_tx, drain_started_rx) = oneshot::channel::<()>();
@@ -257,7 +260,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(reformulator)
+        .add_service(DecodeErrors::new(reformulator, Arc::clone(&shared)))
         .serve_with_incoming_shutdown(incoming, signal);
     if let Some(addr) = local_addr {
         tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");
@@ -281,6 +284,7 @@ pub async fn serve(
     };
 
     stats_logger.abort();
+    watchdog.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();
     }

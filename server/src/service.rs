@@ -9,6 +9,7 @@ use std::{
     time::Instant,
 };
 
+use prost::Message;
 use qreformulate::{
     grounding::{QueryContext, WordRules},
     guards::{self, Answer, FallbackReason},
@@ -18,22 +19,17 @@ use qreformulate::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::budget::{Budgets, CallBudget};
 use crate::cache::{CacheKey, CacheStats, ResponseCache};
 use crate::config::Config;
 use crate::deadline;
-use crate::engine::{
-    pool::{BenchmarkPlan, EnginePool},
-    CancelToken, Candidate, GenerateRequest, Generation,
-};
+use crate::engine::{pool::EnginePool, CancelToken, Candidate, GenerateRequest, Generation};
 use crate::error::ServiceError;
 use crate::prometheus::Metrics;
+use crate::read_ahead::{self, Failure};
 use crate::validate::{self, Limits, ValidRequest};
 use qreformulate::latency::{ms, LatencyRecorder};
 
-/// Most examples one Evaluate call may stream.
-pub const MAX_EVALUATE_EXAMPLES: usize = 100_000;
-/// Most measured generations (queries x repeat) in one Benchmark call.
-pub const MAX_BENCHMARK_RUNS: usize = 100_000;
 /// Most warm-up generations in one Benchmark call.
 pub const MAX_BENCHMARK_WARMUP: usize = 10_000;
 
@@ -48,6 +44,7 @@ pub struct Counters {
 /// State shared by all handlers.
 pub struct Shared {
     limits: Limits,
+    budgets: Budgets,
     max_concurrent: usize,
     pool: OnceLock<EnginePool>,
     /// The model's `grounding.json`, when it ships one.
@@ -65,6 +62,7 @@ impl Shared {
         let max_concurrent = config.max_concurrent_requests.get();
         Self {
             limits: Limits::from(config),
+            budgets: Budgets::from(config),
             max_concurrent,
             pool: OnceLock::new(),
             rules,
@@ -105,6 +103,16 @@ impl Shared {
         }
     }
 
+    /// How long the longest-running generation has been running (zero before the model is
+    /// ready or when the workers are idle).
+    pub fn longest_busy(&self) -> std::time::Duration {
+        self.pool.get().map_or(std::time::Duration::ZERO, EnginePool::longest_busy)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
     }
@@ -133,6 +141,19 @@ impl Shared {
             }
             TryAcquireError::Closed => ServiceError::Unavailable("server is shutting down".into()),
         })
+    }
+
+    /// Waits for a permit until `until`: for the examples of an Evaluate stream, which hold one
+    /// only while a generation runs (a stream that sends nothing holds none).
+    async fn admit_waiting(&self, until: Instant) -> Result<OwnedSemaphorePermit, ServiceError> {
+        match tokio::time::timeout_at(until.into(), Arc::clone(&self.admission).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ServiceError::Unavailable("server is shutting down".into())),
+            Err(_) => Err(ServiceError::DeadlineExceeded(format!(
+                "deadline exceeded waiting for one of the {} request slots (--max-concurrent-requests)",
+                self.max_concurrent
+            ))),
+        }
     }
 
     /// Runs one generation; a client that goes away or runs out of time stops the decode loop.
@@ -181,28 +202,48 @@ impl Shared {
 
     pub async fn evaluate(
         &self,
-        mut stream: Streaming<pb::EvaluateRequest>,
+        stream: Streaming<pb::EvaluateRequest>,
         deadline: Option<Instant>,
-    ) -> Result<pb::EvaluateResponse, Status> {
+    ) -> Result<pb::EvaluateResponse, ServiceError> {
         let pool = self.ready_pool()?;
-        let _permit = self.admit()?;
+        let mut budget = CallBudget::start("Evaluate", &self.budgets, deadline);
+        let mut queue = read_ahead::spawn(stream, self.budgets);
         let rules = self.rules().unwrap_or(WordRules::defaults());
         let mut table = MetricTable::new();
         let mut echo = MetricTable::new();
         let mut latency = LatencyRecorder::new();
         let mut examples = Vec::new();
         let mut first_options: Option<pb::GenerationOptions> = None;
+        let mut echo_examples = false;
+        // The examples' share of the response, checked as it grows so that an answer too large
+        // to send fails early; the whole message is checked at the end.
+        let mut rows_bytes = 0usize;
         let mut index = 0usize;
-        while let Some(example) = stream.message().await? {
-            index += 1;
-            if index > MAX_EVALUATE_EXAMPLES {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "Evaluate accepts at most {MAX_EVALUATE_EXAMPLES} examples per call"
-                ))
-                .into());
-            }
+        let after = |n: usize| format!("after {n} examples");
+        loop {
+            let read = match tokio::time::timeout_at(budget.deadline().into(), queue.next()).await {
+                Ok(Some(read)) => read,
+                Ok(None) => break,
+                Err(_) => {
+                    let waiting = ServiceError::DeadlineExceeded("deadline exceeded waiting for examples".into());
+                    return Err(budget.explain(waiting, &after(index)));
+                }
+            };
+            let example = match read {
+                Ok((i, example)) => {
+                    index = i;
+                    example
+                }
+                Err(failure) => {
+                    if matches!(failure, Failure::Undecodable(_)) {
+                        self.metrics.decode_failure("Evaluate");
+                    }
+                    return Err(failure.into_error());
+                }
+            };
             if index == 1 {
                 first_options.clone_from(&example.options);
+                echo_examples = example.echo_examples;
             }
             let options = example.options.as_ref().or(first_options.as_ref());
             let in_example = |e: ServiceError| match e {
@@ -210,9 +251,18 @@ impl Shared {
                 other => other,
             };
             let valid = validate::request(&example.query, options, &self.limits).map_err(in_example)?;
-            let started = Instant::now();
-            let generation = self.generate(pool, valid.to_engine(&self.limits), deadline).await.map_err(in_example)?;
-            let took = started.elapsed();
+            budget.check_time(&after(index - 1))?;
+            let (generation, took) = {
+                let explain = |e| budget.explain(in_example(e), &after(index - 1));
+                let _permit = self.admit_waiting(budget.deadline()).await.map_err(explain)?;
+                let started = Instant::now();
+                let generation = self
+                    .generate(pool, valid.to_engine(&self.limits), Some(budget.deadline()))
+                    .await
+                    .map_err(explain)?;
+                (generation, started.elapsed())
+            };
+            budget.spend_tokens(generation.timings.generated_tokens, &valid.params.search, &after(index))?;
             latency.record(took);
             let ctx = rules.context(&valid.query);
             let answer = answer(&generation.candidates[0], &valid, &ctx);
@@ -220,9 +270,12 @@ impl Shared {
             let expected = &example.expected_subqueries;
             let scores = table.add(&answer.subqueries, expected, &example.kind, outcome);
             echo.add(std::slice::from_ref(&valid.query), expected, &example.kind, GuardOutcome::echo(rules));
-            examples.push(pb::EvaluatedExample {
-                query: example.query,
-                expected_subqueries: example.expected_subqueries,
+            // The client has its examples: query and labels come back only when asked for.
+            let (query, expected_subqueries) =
+                if echo_examples { (example.query, example.expected_subqueries) } else { (String::new(), Vec::new()) };
+            let row = pb::EvaluatedExample {
+                query,
+                expected_subqueries,
                 predicted_subqueries: answer.subqueries,
                 kind: example.kind,
                 rouge_l: scores.rouge_l,
@@ -231,12 +284,17 @@ impl Shared {
                 fallback_reason: pb::FallbackReason::from(answer.fallback).into(),
                 invented: outcome.invented.unwrap_or(false),
                 degenerate: outcome.degenerate,
-            });
+            };
+            rows_bytes += row.encoded_len() + 4; // field key and length prefix
+            if rows_bytes > self.budgets.max_evaluate_response_bytes {
+                return Err(self.response_too_large(&format!("at example {index}"), echo_examples));
+            }
+            examples.push(row);
         }
         if index == 0 {
-            return Err(ServiceError::InvalidArgument("Evaluate received no examples".into()).into());
+            return Err(ServiceError::InvalidArgument("Evaluate received no examples".into()));
         }
-        Ok(pb::EvaluateResponse {
+        let response = pb::EvaluateResponse {
             overall: Some(table.overall().into()),
             per_kind: table.per_kind().into_iter().map(Into::into).collect(),
             latency: Some(latency.summary()),
@@ -244,7 +302,23 @@ impl Shared {
             model_id: pool.model_id().to_owned(),
             echo_overall: Some(echo.overall().into()),
             echo_per_kind: echo.per_kind().into_iter().map(Into::into).collect(),
-        })
+        };
+        if response.encoded_len() > self.budgets.max_evaluate_response_bytes {
+            return Err(self.response_too_large(&format!("with its {index} examples"), echo_examples));
+        }
+        Ok(response)
+    }
+
+    fn response_too_large(&self, at: &str, echo_examples: bool) -> ServiceError {
+        let hint = if echo_examples {
+            "; leave echo_examples off or send fewer examples per call"
+        } else {
+            "; send fewer examples per call (or fewer distinct kinds)"
+        };
+        ServiceError::ResourceExhausted(format!(
+            "the Evaluate response would be over {} bytes (--max-evaluate-response-bytes) {at}{hint}",
+            self.budgets.max_evaluate_response_bytes
+        ))
     }
 
     pub async fn benchmark(
@@ -258,10 +332,11 @@ impl Shared {
         }
         let repeat = req.repeat.max(1) as usize;
         let runs = req.queries.len().saturating_mul(repeat);
-        if runs > MAX_BENCHMARK_RUNS {
+        if runs > self.budgets.max_benchmark_runs {
             return Err(ServiceError::InvalidArgument(format!(
-                "queries x repeat is {} x {repeat} = {runs}; the limit is {MAX_BENCHMARK_RUNS}",
-                req.queries.len()
+                "queries x repeat is {} x {repeat} = {runs}; the limit is {} (--max-benchmark-runs)",
+                req.queries.len(),
+                self.budgets.max_benchmark_runs
             )));
         }
         let warmup = req.warmup as usize;
@@ -279,19 +354,33 @@ impl Shared {
         }
         let (params, truncate) =
             validate::options(req.options.as_ref().unwrap_or(&pb::GenerationOptions::default()), &self.limits)?;
-        let template =
+        self.budgets.check_benchmark(warmup + runs, &params)?;
+        let mut req =
             GenerateRequest { query: String::new(), params, max_input_tokens: self.limits.max_input_tokens, truncate };
 
         let _permit = self.admit()?;
-        let cancel = CancelToken::new(deadline);
-        let _cancel_on_drop = cancel.cancel_on_drop();
-        let job = pool.benchmark(BenchmarkPlan { queries, repeat, warmup, template }, cancel.clone());
-        let run = match deadline {
-            None => job.await?,
-            Some(d) => tokio::time::timeout_at(d.into(), job)
+        // Each run is its own job in the workers' queue, so other calls' jobs take turns with
+        // the benchmark's instead of waiting for all of it.
+        let budget = CallBudget::start("Benchmark", &self.budgets, deadline);
+        for i in 0..warmup {
+            req.query.clone_from(&queries[i % queries.len()]);
+            self.generate(pool, req.clone(), Some(budget.deadline()))
                 .await
-                .map_err(|_| ServiceError::DeadlineExceeded("deadline exceeded during the benchmark".into()))??,
-        };
+                .map_err(|e| budget.explain(e, &format!("after {i} of {warmup} warm-up runs")))?;
+        }
+        let mut timings = Vec::with_capacity(runs);
+        let started = Instant::now();
+        for _ in 0..repeat {
+            for q in &queries {
+                req.query.clone_from(q);
+                let generation = self
+                    .generate(pool, req.clone(), Some(budget.deadline()))
+                    .await
+                    .map_err(|e| budget.explain(e, &format!("after {} of {runs} runs", timings.len())))?;
+                timings.push(generation.timings);
+            }
+        }
+        let run = BenchmarkRun { runs: timings, wall: started.elapsed() };
 
         let mut latency = LatencyRecorder::new();
         let (mut tokens, mut tokenize, mut encode, mut decode) = (0u64, 0.0, 0.0, 0.0);
@@ -318,13 +407,45 @@ impl Shared {
     }
 }
 
+/// The measured runs of one Benchmark call and the wall time they took together.
+struct BenchmarkRun {
+    runs: Vec<crate::engine::Timings>,
+    wall: std::time::Duration,
+}
+
 /// What is served for one candidate: the guards' answer, or the plain split when the request
 /// is unguarded.
 fn answer(candidate: &Candidate, valid: &ValidRequest, ctx: &QueryContext<'_>) -> Answer {
-    if valid.params.unguarded {
-        guards::unguarded(&candidate.text, &valid.query)
+    let text = served_text(&candidate.text);
+    let mut answer = if valid.params.unguarded {
+        guards::unguarded(&text, &valid.query)
     } else {
-        guards::sanitize_in(&candidate.text, &valid.query, ctx, Some(candidate.mean_logprob))
+        guards::sanitize_in(&text, &valid.query, ctx, Some(candidate.mean_logprob))
+    };
+    clean_subqueries(&mut answer.subqueries);
+    answer
+}
+
+/// Byte-level tokens can decode to U+FFFD (half a character): it is never served.
+fn served_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\u{FFFD}') {
+        text.replace('\u{FFFD}', "").into()
+    } else {
+        text.into()
+    }
+}
+
+/// `|` separates subqueries and U+FFFD is no text: neither is left in a served subquery (a
+/// fallback is the query itself, which may hold both).
+fn clean_subqueries(subqueries: &mut Vec<String>) {
+    for s in subqueries.iter_mut() {
+        if s.contains(['|', '\u{FFFD}']) {
+            *s = qreformulate::subqueries::collapse_whitespace(&s.replace('|', " ").replace('\u{FFFD}', ""));
+        }
+    }
+    // Never empty: a query of nothing but separators keeps its (empty) answer.
+    if subqueries.iter().any(|s| !s.is_empty()) {
+        subqueries.retain(|s| !s.is_empty());
     }
 }
 
@@ -345,7 +466,7 @@ pub fn build_response(
             .iter()
             .map(|(a, c)| pb::Candidate {
                 subqueries: a.subqueries.clone(),
-                text: c.text.clone(),
+                text: served_text(&c.text).into_owned(),
                 score: c.score,
                 fallback_reason: pb::FallbackReason::from(a.fallback).into(),
                 mean_logprob: c.mean_logprob,
@@ -373,6 +494,27 @@ pub fn build_response(
         }),
         model_id: model_id.to_owned(),
         truncated: generation.truncated,
+    }
+}
+
+/// Counts an RPC as abandoned when its handler future is dropped before it answered.
+struct Abandonment<'a> {
+    metrics: &'a Metrics,
+    rpc: &'static str,
+    answered: bool,
+}
+
+impl<'a> Abandonment<'a> {
+    fn watch(metrics: &'a Metrics, rpc: &'static str) -> Self {
+        Self { metrics, rpc, answered: false }
+    }
+}
+
+impl Drop for Abandonment<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.abandoned(self.rpc);
+        }
     }
 }
 
@@ -413,7 +555,9 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
         let received = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), received);
         crate::layers::access::note_query(request.extensions(), &request.get_ref().query);
+        let mut watch = Abandonment::watch(&self.shared.metrics, "Reformulate");
         let result = self.shared.reformulate(request.into_inner(), deadline, received).await;
+        watch.answered = true;
         self.outcome("Reformulate", received, &result);
         if let Ok(r) = &result {
             if let Some(t) = r.timings.as_ref().filter(|t| !t.cached) {
@@ -444,14 +588,14 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
         let received = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), received);
+        let mut watch = Abandonment::watch(&self.shared.metrics, "Evaluate");
         let result = self.shared.evaluate(request.into_inner(), deadline).await;
-        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-        self.shared.metrics.observe("Evaluate", code, received.elapsed());
-        match &result {
-            Ok(r) => tracing::info!(examples = r.examples.len(), ms = ms(received.elapsed()), "evaluated"),
-            Err(s) => tracing::debug!(code = ?s.code(), message = s.message(), "Evaluate failed"),
+        watch.answered = true;
+        self.outcome("Evaluate", received, &result);
+        if let Ok(r) = &result {
+            tracing::info!(examples = r.examples.len(), ms = ms(received.elapsed()), "evaluated");
         }
-        result.map(Response::new)
+        result.map(Response::new).map_err(Status::from)
     }
 
     async fn benchmark(
@@ -460,7 +604,9 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
     ) -> Result<Response<pb::BenchmarkResponse>, Status> {
         let received = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), received);
+        let mut watch = Abandonment::watch(&self.shared.metrics, "Benchmark");
         let result = self.shared.benchmark(request.into_inner(), deadline).await;
+        watch.answered = true;
         self.outcome("Benchmark", received, &result);
         result.map(Response::new).map_err(Status::from)
     }
@@ -536,6 +682,25 @@ mod tests {
         let r = build_response(&unguarded, &generation(&[text]), "m", Some(&rules));
         assert_eq!(r.subqueries, qreformulate::subqueries::split(text, QUERY));
         assert!(!r.grounded);
+    }
+
+    #[test]
+    fn served_subqueries_hold_no_separator_and_no_replacement_character() {
+        let r = build_response(
+            &valid(SearchKind::Greedy),
+            &generation(&["Ada\u{FFFD} lifespan | Bob lifespan"]),
+            "m",
+            None,
+        );
+        assert_eq!(r.subqueries, vec!["Ada lifespan", "Bob lifespan"]);
+        // A fallback is the query, which may hold the separator.
+        let mut piped = valid(SearchKind::Greedy);
+        piped.query = "Ada | Bob lifespan?".into();
+        let r = build_response(&piped, &generation(&[""]), "m", None);
+        assert_eq!(
+            (r.fallback_reason(), r.subqueries),
+            (pb::FallbackReason::Empty, vec!["Ada Bob lifespan?".to_owned()])
+        );
     }
 
     #[test]

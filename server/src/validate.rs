@@ -77,7 +77,38 @@ pub fn query(raw: &str, limits: &Limits) -> Result<String, ServiceError> {
     if normalised.is_empty() {
         return Err(invalid("query is blank (whitespace only)".into()));
     }
+    if normalised.chars().all(|c| c == ' ' || invisible(c)) {
+        return Err(invalid(
+            "query is blank: it holds only invisible characters (zero-width, format or control characters)".into(),
+        ));
+    }
     Ok(normalised)
+}
+
+/// Characters that print nothing: controls, zero-width and other format characters (Unicode
+/// category Cf), variation selectors and Hangul fillers.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
 }
 
 /// Resolves generation options against the server defaults and limits.
@@ -173,6 +204,9 @@ mod tests {
     fn empty_blank_and_long_queries_are_refused() {
         assert!(message(query("", &LIMITS)).contains("empty"));
         assert!(message(query(" \t\n", &LIMITS)).contains("blank"));
+        let zero_width = query("\u{200B}\u{200D} \u{FEFF}\u{2060}", &LIMITS);
+        assert!(message(zero_width).contains("invisible"));
+        assert_eq!(query("a\u{200B}b", &LIMITS).unwrap(), "a\u{200B}b");
         let m = message(query(&"x".repeat(21), &LIMITS));
         assert!(m.contains("21") && m.contains("20"), "{m}");
         // 20 two-byte characters are within a 20-character limit.

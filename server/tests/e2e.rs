@@ -157,18 +157,21 @@ async fn evaluate_reports_metrics_per_kind_and_latency() {
             expected_subqueries: own.clone(),
             kind: "comparison".into(),
             options: Some(GenerationOptions::default()),
+            echo_examples: true,
         },
         pb::EvaluateRequest {
             query: "capital of France population".into(),
             expected_subqueries: vec!["zzzz qqqq".into(), "xxxx".into(), "wwww".into(), "vvvv".into()],
             kind: "comparison".into(),
             options: None,
+            echo_examples: false,
         },
         pb::EvaluateRequest {
             query: "Where was the author of Dune born?".into(),
             expected_subqueries: vec!["Dune author".into()],
             kind: String::new(),
             options: None,
+            echo_examples: false,
         },
     ];
     let r = c.evaluate(tokio_stream::iter(examples)).await.unwrap().into_inner();

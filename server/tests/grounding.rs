@@ -134,6 +134,7 @@ async fn evaluate(
                 expected_subqueries: expected,
                 kind: v["kind"].as_str().unwrap_or_default().into(),
                 options: (i == 0).then_some(GenerationOptions { truncate: true, ..options }),
+                echo_examples: i == 0,
             }
         })
         .collect();

@@ -117,6 +117,33 @@ fn a_checkpoint_of_another_shape_is_named() {
 }
 
 #[test]
+fn a_checkpoint_with_nan_weights_is_refused() {
+    let dir = common::model_files_copy("native-nan");
+    std::fs::create_dir_all(dir.join("pytorch")).unwrap();
+    let real = std::fs::read(common::model_dir().join("pytorch/model.safetensors")).unwrap();
+    let real = safetensors::SafeTensors::deserialize(&real).unwrap();
+    const BAD: &str = "decoder.block.1.layer.0.SelfAttention.q.weight";
+    let original = real.tensor(BAD).unwrap();
+    let mut poisoned = original.data().to_vec();
+    let nan: &[u8] = match original.dtype() {
+        safetensors::Dtype::F32 => &f32::NAN.to_le_bytes(),
+        safetensors::Dtype::F16 => &half::f16::NAN.to_le_bytes(),
+        safetensors::Dtype::BF16 => &half::bf16::NAN.to_le_bytes(),
+        other => panic!("unexpected dtype {other:?}"),
+    };
+    let at = poisoned.len() / 2 / nan.len() * nan.len();
+    poisoned[at..at + nan.len()].copy_from_slice(nan);
+    let mut tensors = real.tensors();
+    for (_, view) in tensors.iter_mut().filter(|(n, _)| n == BAD) {
+        *view = safetensors::tensor::TensorView::new(original.dtype(), original.shape().to_vec(), &poisoned).unwrap();
+    }
+    std::fs::write(dir.join("pytorch/model.safetensors"), safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let msg = engine(&dir, DecoderKind::Native).err().expect("NaN weights must not load").to_string();
+    assert!(msg.contains(BAD) && msg.contains("non-finite") && msg.contains("NaN"), "{msg}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn two_threads_give_the_same_answers_as_one() {
     let dir = ModelDir::open(&common::model_dir()).unwrap();
     let env = qserver::runtime::init(None).unwrap();

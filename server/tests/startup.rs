@@ -104,3 +104,21 @@ fn binary_help_documents_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn binary_exits_1_not_a_signal_when_workers_fail_to_load() {
+    use std::os::unix::process::ExitStatusExt;
+    // An encoder file that is a valid ONNX graph of the wrong kind: every worker fails while
+    // the others are still inside ONNX Runtime. The process used to die with SIGSEGV.
+    let dir = common::model_files_copy("startup-wrong-graph");
+    std::fs::copy(dir.join("decoder_model.onnx"), dir.join("encoder_model.onnx")).unwrap();
+    for attempt in 0..5 {
+        let out = qserver(&["--listen", "127.0.0.1:0", "--model", dir.to_str().unwrap(), "--workers", "8"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.signal(), None, "attempt {attempt}: killed by a signal: {stderr}");
+        assert_eq!(out.status.code(), Some(1), "attempt {attempt}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("qserver: ") && last.contains("encoder_model.onnx"), "attempt {attempt}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -37,8 +37,12 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
             kind: example.kind,
             // The first message's options apply to the rest.
             options: (i == 0).then_some(options),
+            // The server answers in order without echoing: the labels are filled in below.
+            echo_examples: false,
         })
         .collect();
+    let sent: Vec<(String, Vec<String>)> =
+        messages.iter().map(|m| (m.query.clone(), m.expected_subqueries.clone())).collect();
 
     let mut client = target.reformulator().await?;
     let total = messages.len() as u64;
@@ -55,7 +59,13 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
     });
     let result = client.evaluate(target.request(rows)).await;
     bar.finish_and_clear();
-    let response = result.map_err(|status| ClientError::rpc("Evaluate", status))?.into_inner();
+    let mut response = result.map_err(|status| ClientError::rpc("Evaluate", status))?.into_inner();
+    for (row, (query, expected)) in response.examples.iter_mut().zip(sent) {
+        if row.query.is_empty() {
+            row.query = query;
+            row.expected_subqueries = expected;
+        }
+    }
     let report = EvalReport::from_proto(&response);
     if args.json {
         let text = serde_json::to_string_pretty(&report).expect("an eval report always serialises; this is a bug");

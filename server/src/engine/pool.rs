@@ -5,7 +5,7 @@
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -15,32 +15,13 @@ use std::{
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
-use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError, Timings};
+use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError};
 
 /// Builds worker `i`'s engine, on that worker's thread.
 pub type EngineFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Engine>, ModelError> + Send + Sync>;
 
-/// Benchmark replay run by one worker: `warmup` untimed generations, then each query
-/// `repeat` times (round-robin over the queries).
-#[derive(Debug, Clone)]
-pub struct BenchmarkPlan {
-    pub queries: Vec<String>,
-    pub repeat: usize,
-    pub warmup: usize,
-    /// Options shared by every run; its `query` is replaced per run.
-    pub template: GenerateRequest,
-}
-
-/// Per-run timings of the measured generations, and the wall time they took together.
-#[derive(Debug, Clone)]
-pub struct BenchmarkRun {
-    pub runs: Vec<Timings>,
-    pub wall: Duration,
-}
-
 enum Job {
     Generate { req: GenerateRequest, cancel: CancelToken, reply: oneshot::Sender<Result<Generation, EngineError>> },
-    Benchmark { plan: BenchmarkPlan, cancel: CancelToken, reply: oneshot::Sender<Result<BenchmarkRun, EngineError>> },
     Stop,
 }
 
@@ -51,16 +32,47 @@ pub struct EnginePool {
     /// Set by `stop`: queued jobs are refused and running ones cancelled at their next step.
     aborted: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    busy: Arc<Busy>,
+}
+
+/// When each worker took its current job, for the watchdog: milliseconds since `epoch` plus
+/// one, 0 while idle.
+struct Busy {
+    epoch: Instant,
+    since: Vec<AtomicU64>,
+}
+
+impl Busy {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn start(&self, worker: usize) {
+        self.since[worker].store(self.now(), Ordering::Relaxed);
+    }
+
+    fn end(&self, worker: usize) {
+        self.since[worker].store(0, Ordering::Relaxed);
+    }
+
+    fn longest(&self) -> Duration {
+        let now = self.now();
+        let started = self.since.iter().map(|s| s.load(Ordering::Relaxed)).filter(|&s| s != 0).min();
+        started.map_or(Duration::ZERO, |s| Duration::from_millis(now.saturating_sub(s)))
+    }
 }
 
 impl EnginePool {
     /// Starts `size` workers; each builds its engine and runs `warmup` once before it counts
-    /// as ready. Blocks until all are ready or one fails (then the others are stopped).
+    /// as ready. Blocks until all are ready or one fails; then the others are stopped and
+    /// joined before the error is returned, so that no worker is still inside ONNX Runtime
+    /// when the process exits with it (that crashed the process instead of exiting 1).
     pub fn start(size: usize, factory: EngineFactory, warmup: GenerateRequest) -> Result<Self, ModelError> {
         let size = size.max(1);
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let aborted = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(Busy { epoch: Instant::now(), since: (0..size).map(|_| AtomicU64::new(0)).collect() });
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
             let rx = rx.clone();
@@ -68,6 +80,7 @@ impl EnginePool {
             let ready_tx = ready_tx.clone();
             let warmup = warmup.clone();
             let worker_aborted = Arc::clone(&aborted);
+            let worker_busy = Arc::clone(&busy);
             let spawned = thread::Builder::new().name(format!("qserver-engine-{i}")).spawn(move || {
                 let engine = match factory(i) {
                     Ok(engine) => engine,
@@ -76,37 +89,44 @@ impl EnginePool {
                         return;
                     }
                 };
-                worker(i, engine, rx, ready_tx, warmup, worker_aborted);
+                worker(i, engine, rx, ready_tx, warmup, worker_aborted, worker_busy);
             });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     aborted.store(true, Ordering::Relaxed);
+                    for _ in 0..threads.len() {
+                        let _ = tx.send(Job::Stop);
+                    }
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
                     return Err(ModelError::Load { file: "engine worker thread".into(), reason: e.to_string() });
                 }
             }
         }
         drop(ready_tx);
-        let stop_all = |tx: &Sender<Job>| {
+        let fail = |e: ModelError, threads: Vec<JoinHandle<()>>| {
+            aborted.store(true, Ordering::Relaxed);
             for _ in 0..size {
                 let _ = tx.send(Job::Stop);
             }
+            for thread in threads {
+                let _ = thread.join();
+            }
+            Err(e)
         };
         let mut model_id = String::new();
         for _ in 0..size {
             match ready_rx.recv() {
                 Ok(Ok(id)) => model_id = id,
-                Ok(Err(e)) => {
-                    stop_all(&tx);
-                    return Err(e);
-                }
+                Ok(Err(e)) => return fail(e, threads),
                 Err(_) => {
-                    stop_all(&tx);
-                    return Err(ModelError::WarmUp("an engine worker exited during start-up".into()));
+                    return fail(ModelError::WarmUp("an engine worker exited during start-up".into()), threads);
                 }
             }
         }
-        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads) })
+        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads), busy })
     }
 
     pub fn size(&self) -> usize {
@@ -117,17 +137,15 @@ impl EnginePool {
         &self.model_id
     }
 
+    /// How long the worker longest on its current job has been on it (zero when all are idle).
+    pub fn longest_busy(&self) -> Duration {
+        self.busy.longest()
+    }
+
     /// Queues one generation on the next free worker.
     pub async fn generate(&self, req: GenerateRequest, cancel: CancelToken) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Generate { req, cancel, reply })?;
-        rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
-    }
-
-    /// Runs a whole benchmark plan on one worker.
-    pub async fn benchmark(&self, plan: BenchmarkPlan, cancel: CancelToken) -> Result<BenchmarkRun, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Benchmark { plan, cancel, reply })?;
         rx.await.map_err(|_| EngineError::Unavailable("engine worker stopped before answering".into()))?
     }
 
@@ -179,9 +197,10 @@ fn worker(
     ready: mpsc::Sender<Result<String, ModelError>>,
     warmup: GenerateRequest,
     aborted: Arc<AtomicBool>,
+    busy: Arc<Busy>,
 ) {
     let started = Instant::now();
-    match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)) {
+    match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)).and_then(sane) {
         Ok(g) => {
             tracing::info!(
                 worker = index,
@@ -201,18 +220,33 @@ fn worker(
         match job {
             Job::Stop => break,
             Job::Generate { req, cancel, reply } => {
-                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c)));
-            }
-            Job::Benchmark { plan, cancel, reply } => {
-                let _ = reply.send(unless_aborted(&aborted, cancel, |c| run_benchmark(engine.as_mut(), &plan, c)));
+                busy.start(index);
+                let result = unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c));
+                busy.end(index);
+                let _ = reply.send(result);
             }
         }
     }
     tracing::debug!(worker = index, "engine worker stopped");
 }
 
+/// The warm-up answer must have finite scores: NaN or infinite weights (a corrupt ONNX file)
+/// make every logit NaN, and the server would answer the query itself to everything.
+fn sane(g: Generation) -> Result<Generation, EngineError> {
+    match g.candidates.first() {
+        Some(c) if c.score.is_finite() && c.mean_logprob.is_finite() => Ok(g),
+        Some(c) => Err(EngineError::Model(format!(
+            "the warm-up answer has non-finite scores (score {}, mean log-probability {}): the model's \
+             weights hold NaN or infinite values",
+            c.score, c.mean_logprob
+        ))),
+        None => Err(EngineError::Model("the warm-up generation returned no candidate".into())),
+    }
+}
+
 /// A job taken after the pool was aborted is refused; otherwise it runs with a cancel token
-/// that the abort also trips.
+/// that the abort also trips. Either way the caller hears UNAVAILABLE (retry elsewhere), not
+/// CANCELLED: the server stopped the call, the client did not.
 fn unless_aborted<T>(
     aborted: &Arc<AtomicBool>,
     cancel: CancelToken,
@@ -221,7 +255,12 @@ fn unless_aborted<T>(
     if aborted.load(Ordering::Relaxed) {
         Err(EngineError::Unavailable("server is shutting down".into()))
     } else {
-        run(&cancel.linked_to(Arc::clone(aborted)))
+        run(&cancel.linked_to(Arc::clone(aborted))).map_err(|e| match e {
+            EngineError::Cancelled if aborted.load(Ordering::Relaxed) => EngineError::Unavailable(
+                "server is shutting down: the call was stopped when the grace period ran out; retry".into(),
+            ),
+            other => other,
+        })
     }
 }
 
@@ -242,34 +281,10 @@ fn run_guarded(
     })
 }
 
-fn run_benchmark(
-    engine: &mut dyn Engine,
-    plan: &BenchmarkPlan,
-    cancel: &CancelToken,
-) -> Result<BenchmarkRun, EngineError> {
-    let mut req = plan.template.clone();
-    if plan.queries.is_empty() {
-        return Ok(BenchmarkRun { runs: Vec::new(), wall: Duration::ZERO });
-    }
-    for i in 0..plan.warmup {
-        req.query.clone_from(&plan.queries[i % plan.queries.len()]);
-        run_guarded(engine, &req, cancel)?;
-    }
-    let mut runs = Vec::with_capacity(plan.queries.len() * plan.repeat);
-    let started = Instant::now();
-    for _ in 0..plan.repeat {
-        for q in &plan.queries {
-            req.query.clone_from(q);
-            runs.push(run_guarded(engine, &req, cancel)?.timings);
-        }
-    }
-    Ok(BenchmarkRun { runs, wall: started.elapsed() })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Candidate, GenerationParams, SearchKind};
+    use crate::engine::{Candidate, GenerationParams, SearchKind, Timings};
 
     /// Echoes the query; counts calls; fails on "fail", panics on "panic".
     struct Echo {
@@ -341,14 +356,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn benchmark_runs_queries_times_repeat() {
-        let pool = pool(2);
-        let plan = BenchmarkPlan { queries: vec!["x".into(), "y".into()], repeat: 3, warmup: 2, template: request("") };
-        let run = pool.benchmark(plan, CancelToken::new(None)).await.unwrap();
-        assert_eq!(run.runs.len(), 6);
-    }
-
-    #[tokio::test]
     async fn failing_factory_fails_start_with_its_error() {
         let factory: EngineFactory = Arc::new(|i| {
             if i == 1 {
@@ -359,6 +366,76 @@ mod tests {
         });
         let err = EnginePool::start(2, factory, request("warm")).err().expect("start must fail");
         assert!(err.to_string().contains("nope.onnx"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn warm_up_with_non_finite_scores_fails_the_start() {
+        struct Nan;
+        impl Engine for Nan {
+            fn generate(&mut self, req: &GenerateRequest, _: &CancelToken) -> Result<Generation, EngineError> {
+                Ok(Generation {
+                    candidates: vec![Candidate {
+                        text: req.query.clone(),
+                        score: f64::NAN,
+                        mean_logprob: f64::NAN,
+                        tokens: 1,
+                    }],
+                    timings: Timings::default(),
+                    truncated: false,
+                })
+            }
+            fn model_id(&self) -> &str {
+                "nan"
+            }
+        }
+        let factory: EngineFactory = Arc::new(|_| Ok(Box::new(Nan) as Box<dyn Engine>));
+        let err = EnginePool::start(2, factory, request("warm")).err().expect("NaN scores must fail the start");
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn failed_start_returns_only_after_every_worker_has_exited() {
+        // Worker 0 fails at once; the others are still loading, as ONNX Runtime sessions would be.
+        let loading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let still = Arc::clone(&loading);
+        let factory: EngineFactory = Arc::new(move |i| {
+            if i == 0 {
+                return Err(ModelError::MissingFile("bad.onnx".into()));
+            }
+            still.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(300));
+            still.fetch_sub(1, Ordering::SeqCst);
+            Ok(Box::new(Echo { calls: 0 }) as Box<dyn Engine>)
+        });
+        assert!(EnginePool::start(4, factory, request("warm")).is_err());
+        assert_eq!(loading.load(Ordering::SeqCst), 0, "start returned while workers were still loading");
+    }
+
+    #[tokio::test]
+    async fn jobs_cut_by_the_stop_are_unavailable_not_cancelled() {
+        struct Slow;
+        impl Engine for Slow {
+            fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+                for step in 0..if req.query == "warm" { 1 } else { 1000 } {
+                    cancel.check(step)?;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Echo { calls: 0 }.generate(req, cancel)
+            }
+            fn model_id(&self) -> &str {
+                "slow"
+            }
+        }
+        let factory: EngineFactory = Arc::new(|_| Ok(Box::new(Slow) as Box<dyn Engine>));
+        let pool = Arc::new(EnginePool::start(1, factory, request("warm")).unwrap());
+        let running = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.generate(request("long"), CancelToken::new(None)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.stop();
+        let result = running.await.unwrap();
+        assert!(matches!(result, Err(EngineError::Unavailable(ref m)) if m.contains("shutting down")), "{result:?}");
     }
 
     #[tokio::test]

@@ -107,7 +107,16 @@ impl Checkpoint<'_> {
         if view.shape() != shape {
             return Err(self.malformed(format!("`{name}` has shape {:?}; expected {shape:?}", view.shape())));
         }
-        to_f32(&view).map_err(|reason| self.malformed(format!("`{name}`: {reason}")))
+        let values = to_f32(&view).map_err(|reason| self.malformed(format!("`{name}`: {reason}")))?;
+        // A NaN or infinity turns every logit into NaN: the server would answer the query
+        // itself to everything while looking healthy.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(self.malformed(format!(
+                "`{name}` holds a non-finite value ({}) at index {i}; the checkpoint is corrupt",
+                values[i]
+            )));
+        }
+        Ok(values)
     }
 
     fn first_of(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>, ModelError> {
