@@ -7,11 +7,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::connect::Channel;
 use qreformulate::pb::{self, reformulator_client::ReformulatorClient};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use crate::connect::Channel;
 
 use super::{print, reformulate_once};
 use crate::cli::ChatArgs;
