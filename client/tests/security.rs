@@ -60,8 +60,8 @@ fn mtls_token_server() -> &'static Secured {
             "s3cret".into(),
         ]);
         let secured = Secured { addr, pki };
-        // Health needs no token: `health --wait-ms` over mTLS is the readiness probe.
-        let ready = qclient(&secured, &["--tls-cert", "good", "health", "--wait-ms", "120000"]);
+        // Health needs no token: `health --wait` over mTLS is the readiness probe.
+        let ready = qclient(&secured, &["--tls-cert", "good", "health", "--wait", "120"]);
         assert!(ready.status.success(), "server never SERVING: {}", text(&ready.stderr));
         secured
     })
@@ -210,7 +210,7 @@ fn tls_only_server_needs_just_the_ca() {
             start_server(vec!["--tls-cert".into(), path(&pki.server_cert), "--tls-key".into(), path(&pki.server_key)]);
         Secured { addr, pki }
     });
-    let ready = qclient(server, &["health", "--wait-ms", "120000"]);
+    let ready = qclient(server, &["health", "--wait", "120"]);
     assert!(ready.status.success(), "{}", text(&ready.stderr));
     let out = qclient(server, &["reformulate", QUERY]);
     assert!(out.status.success(), "{}", text(&out.stderr));
