@@ -9,7 +9,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus::{
     proto::{Counter, Gauge, Metric, MetricFamily, MetricType},
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use qreformulate::guards::FallbackReason;
 use tokio::net::TcpListener;
@@ -21,6 +22,9 @@ use crate::service::Shared;
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// The phases of `phase_duration_seconds`, in the order `generated` fills them.
+const PHASES: [&str; 4] = ["queue", "tokenize", "encode", "decode"];
+
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
@@ -28,6 +32,8 @@ pub struct Metrics {
     generated_tokens: IntCounter,
     fallbacks: IntCounterVec,
     build_info: IntGaugeVec,
+    phases: HistogramVec,
+    input_tokens: Histogram,
     abandoned: IntCounterVec,
     undecodable: IntCounterVec,
 }
@@ -89,8 +95,32 @@ impl Metrics {
             &["version", "decoder", "kernel"],
         )
         .expect("constant metric definition; this is a bug");
+        let phases = HistogramVec::new(
+            HistogramOpts::new(
+                "phase_duration_seconds",
+                "Time of each phase of a generated answer: queue (admission, waiting for a worker, hand-offs: \
+                 the total less the other phases), tokenize, encode, decode.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("constant metric definition; this is a bug");
+        for phase in PHASES {
+            phases.with_label_values(&[phase]);
+        }
+        let input_tokens = Histogram::with_opts(
+            HistogramOpts::new("input_tokens", "Model tokens of each generated answer's query.")
+                .buckets(vec![4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+        )
+        .expect("constant metric definition; this is a bug");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("the process collector is registered once; this is a bug");
         for c in [
             Box::new(build_info.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(phases.clone()),
+            Box::new(input_tokens.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(generated_tokens.clone()),
@@ -100,7 +130,18 @@ impl Metrics {
         ] {
             registry.register(c).expect("each metric is registered once; this is a bug");
         }
-        Self { registry, requests, latency, generated_tokens, fallbacks, build_info, abandoned, undecodable }
+        Self {
+            registry,
+            requests,
+            latency,
+            generated_tokens,
+            fallbacks,
+            build_info,
+            phases,
+            input_tokens,
+            abandoned,
+            undecodable,
+        }
     }
 
     /// Set once the model is loaded: `decoder` is `native` or `onnx`; `kernel` is the native
@@ -127,9 +168,14 @@ impl Metrics {
         self.undecodable.with_label_values(&[rpc]).inc();
     }
 
-    /// Tokens the model generated for one answer (not for cache hits).
-    pub fn generated(&self, tokens: u32) {
-        self.generated_tokens.inc_by(u64::from(tokens));
+    /// One answer the model generated (not a cache hit): its tokens, query length and phases.
+    pub fn generated(&self, t: &qreformulate::pb::Timings) {
+        self.generated_tokens.inc_by(u64::from(t.generated_tokens));
+        self.input_tokens.observe(f64::from(t.input_tokens));
+        let queue = t.total_ms - t.tokenize_ms - t.encode_ms - t.decode_ms;
+        for (phase, ms) in PHASES.into_iter().zip([queue, t.tokenize_ms, t.encode_ms, t.decode_ms]) {
+            self.phases.with_label_values(&[phase]).observe(ms.max(0.0) / 1000.0);
+        }
     }
 
     /// One Reformulate answer that fell back to the query (cache hits included: it is what
@@ -232,7 +278,15 @@ mod tests {
         m.observe("Reformulate", tonic::Code::Ok, Duration::from_millis(12));
         m.observe("Reformulate", tonic::Code::Ok, Duration::from_millis(30));
         m.observe("Reformulate", tonic::Code::InvalidArgument, Duration::from_micros(200));
-        m.generated(17);
+        m.generated(&qreformulate::pb::Timings {
+            generated_tokens: 17,
+            input_tokens: 9,
+            tokenize_ms: 1.0,
+            encode_ms: 2.0,
+            decode_ms: 3.0,
+            total_ms: 10.0,
+            ..Default::default()
+        });
         m.fallback(FallbackReason::OffTopic);
         m.fallback(FallbackReason::OffTopic);
         m.set_build_info("onnx", None);
@@ -250,6 +304,11 @@ mod tests {
             "qreformulate_cache_misses_total 4",
             "qreformulate_cache_entries 5",
             "qreformulate_in_flight_requests 2",
+            "qreformulate_input_tokens_count 1",
+            r#"qreformulate_input_tokens_bucket{le="8"} 0"#,
+            r#"qreformulate_input_tokens_bucket{le="16"} 1"#,
+            r#"qreformulate_phase_duration_seconds_sum{phase="queue"} 0.004"#,
+            r#"qreformulate_phase_duration_seconds_sum{phase="decode"} 0.003"#,
             concat!(
                 r#"qreformulate_build_info{decoder="native",kernel="avx2",version=""#,
                 env!("CARGO_PKG_VERSION"),
@@ -258,6 +317,11 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+        // The server process itself, from /proc.
+        #[cfg(target_os = "linux")]
+        for name in ["qreformulate_process_resident_memory_bytes ", "qreformulate_process_open_fds "] {
+            assert!(text.lines().any(|l| l.starts_with(name)), "missing {name:?} in:\n{text}");
+        }
         // Only the latest load is described.
         assert!(!text.contains(r#"decoder="onnx""#), "{text}");
     }
@@ -265,7 +329,7 @@ mod tests {
     #[test]
     fn two_servers_in_one_process_have_separate_counts() {
         let (a, b) = (Metrics::new(), Metrics::new());
-        a.generated(3);
+        a.generated(&qreformulate::pb::Timings { generated_tokens: 3, ..Default::default() });
         assert!(a.render(CacheStats::default(), 0).contains("qreformulate_generated_tokens_total 3"));
         assert!(b.render(CacheStats::default(), 0).contains("qreformulate_generated_tokens_total 0"));
     }

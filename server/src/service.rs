@@ -561,7 +561,7 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
         self.outcome("Reformulate", received, &result);
         if let Ok(r) = &result {
             if let Some(t) = r.timings.as_ref().filter(|t| !t.cached) {
-                self.shared.metrics.generated(t.generated_tokens);
+                self.shared.metrics.generated(t);
             }
             if let Some(reason) = Option::<FallbackReason>::from(r.fallback_reason()) {
                 self.shared.metrics.fallback(reason);

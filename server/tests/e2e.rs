@@ -409,6 +409,10 @@ async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
         "qreformulate_cache_entries 1".to_owned(),
         format!("qreformulate_generated_tokens_total {tokens}"),
         "qreformulate_in_flight_requests 0".to_owned(),
+        // One generated answer (the cache hit is not one), in every phase.
+        "qreformulate_input_tokens_count 1".to_owned(),
+        r#"qreformulate_phase_duration_seconds_count{phase="queue"} 1"#.to_owned(),
+        r#"qreformulate_phase_duration_seconds_count{phase="decode"} 1"#.to_owned(),
         format!(
             r#"qreformulate_build_info{{decoder="native",kernel="{}",version="{}"}} 1"#,
             qserver::engine::native::kernels::Kernel::detect().name(),
