@@ -90,9 +90,9 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "build_info",
-                "1, labelled with the server version, who runs the decoder steps and its int8 kernel.",
+                "1, labelled with the server version, the model id, who runs the decoder steps and its int8 kernel.",
             ),
-            &["version", "decoder", "kernel"],
+            &["version", "model", "decoder", "kernel"],
         )
         .expect("constant metric definition; this is a bug");
         let phases = HistogramVec::new(
@@ -144,11 +144,13 @@ impl Metrics {
         }
     }
 
-    /// Set once the model is loaded: `decoder` is `native` or `onnx`; `kernel` is the native
-    /// decoder's int8 kernel (`none` when ONNX Runtime runs the steps).
-    pub fn set_build_info(&self, decoder: &str, kernel: Option<&str>) {
+    /// Set once the model is loaded: `model` its id, `decoder` `native` or `onnx`, `kernel` the
+    /// native decoder's int8 kernel (`none` when ONNX Runtime runs the steps).
+    pub fn set_build_info(&self, model: &str, decoder: &str, kernel: Option<&str>) {
         self.build_info.reset();
-        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), decoder, kernel.unwrap_or("none")]).set(1);
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), model, decoder, kernel.unwrap_or("none")])
+            .set(1);
     }
 
     /// One finished RPC.
@@ -289,8 +291,8 @@ mod tests {
         });
         m.fallback(FallbackReason::OffTopic);
         m.fallback(FallbackReason::OffTopic);
-        m.set_build_info("onnx", None);
-        m.set_build_info("native", Some("avx2"));
+        m.set_build_info("m0", "onnx", None);
+        m.set_build_info("qreformulate-t5", "native", Some("avx2"));
         let text = m.render(CacheStats { hits: 1, misses: 4, entries: 5 }, 2);
         for line in [
             r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#,
@@ -310,7 +312,7 @@ mod tests {
             r#"qreformulate_phase_duration_seconds_sum{phase="queue"} 0.004"#,
             r#"qreformulate_phase_duration_seconds_sum{phase="decode"} 0.003"#,
             concat!(
-                r#"qreformulate_build_info{decoder="native",kernel="avx2",version=""#,
+                r#"qreformulate_build_info{decoder="native",kernel="avx2",model="qreformulate-t5",version=""#,
                 env!("CARGO_PKG_VERSION"),
                 r#""} 1"#
             ),

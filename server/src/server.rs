@@ -158,9 +158,11 @@ pub async fn serve(
                 } else {
                     tracing::info!(?decoder, "decoder steps run on {decoder:?}");
                 }
-                build_info
-                    .metrics
-                    .set_build_info(&format!("{decoder:?}").to_lowercase(), native.is_some().then_some(kernel));
+                build_info.metrics.set_build_info(
+                    &model.model_id,
+                    &format!("{decoder:?}").to_lowercase(),
+                    native.is_some().then_some(kernel),
+                );
                 let factory: EngineFactory = Arc::new(move |_| {
                     OnnxT5::load_with(&env, &model, &settings, native.clone())
                         .map(|engine| Box::new(engine) as Box<dyn Engine>)
