@@ -65,6 +65,9 @@ async fn call(addr: std::net::SocketAddr, method: &str, messages: &[Vec<u8>]) ->
     (header(&trailers, "grpc-status").expect("grpc-status"), header(&trailers, "grpc-message").unwrap_or_default())
 }
 
+/// (case, method, frames, expected grpc-status, a word the message must hold)
+type Case = (&'static str, &'static str, Vec<Vec<u8>>, &'static str, &'static str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_their_codes() {
     const OK: &str = "0";
@@ -78,8 +81,7 @@ async fn bad_inputs_get_their_codes() {
     let mut unknown_field = reformulate(QUERY, d);
     unknown_field.extend_from_slice(&[0x98, 0x06, 1]); // field 99, varint 1
     let bad_beams = Some(GenerationOptions { num_beams: 9, ..d });
-    // (case, method, frames, expected grpc-status, a word the message must hold)
-    let cases: Vec<(&str, &str, Vec<Vec<u8>>, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "zero-width BOM and word joiner only",
             "Reformulate",
