@@ -585,28 +585,29 @@ def random_options(rng: random.Random) -> bytes | None:
     )
 
 
-def random_call(rng: random.Random, ch, queries) -> tuple[str, grpc.StatusCode]:
+def random_call(rng: random.Random, ch, queries) -> tuple[str, tuple]:
+    """(method, (code, reply or message, seconds))."""
     r = rng.random()
     if r < 0.75:
         opts = random_options(rng)
         # Bound the work of one call: long generations only with small beams.
         return "Reformulate", call_code(unary(ch, REFORMULATE), reformulate_req(random_text(rng, queries), opts,
-                                                                              rng.random() < 0.8), timeout=20)[0]
+                                                                              rng.random() < 0.8), timeout=20)
     if r < 0.85:
         n = rng.randint(0, 4)
         reqs = [evaluate_req(random_text(rng, queries), [random_text(rng, queries)[:50] for _ in range(rng.randint(0, 3))],
                              rng.choice(["", "chaining", "x" * rng.randint(0, 300)]),
                              random_options(rng) if rng.random() < 0.3 else None) for _ in range(n)]
         stream = ch.stream_unary(EVALUATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        return "Evaluate", call_code(stream, iter(reqs), timeout=30)[0]
+        return "Evaluate", call_code(stream, iter(reqs), timeout=30)
     if r < 0.93:
         req = benchmark_req([random_text(rng, queries) for _ in range(rng.randint(0, 3))],
                             rng.choice([0, 1, 2, 3, 10**9]), rng.choice([0, 1, 10**9]),
                             random_options(rng) if rng.random() < 0.5 else None)
-        return "Benchmark", call_code(unary(ch, BENCHMARK), req, timeout=30)[0]
+        return "Benchmark", call_code(unary(ch, BENCHMARK), req, timeout=30)
     method = rng.choice([REFORMULATE, BENCHMARK])
     garbage = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
-    return "garbage bytes", call_code(unary(ch, method), garbage, timeout=10)[0]
+    return "garbage bytes", call_code(unary(ch, method), garbage, timeout=10)
 
 
 def section_fuzz(args, queries, report):
@@ -626,12 +627,12 @@ def section_fuzz(args, queries, report):
             rng = random.Random(args.seed * 1000 + i)
             with grpc.insecure_channel(server.target()) as ch:
                 while time.monotonic() < deadline and crashed[0] is None:
-                    method, code = random_call(rng, ch, queries)
+                    method, (code, detail, _) = random_call(rng, ch, queries)
                     with lock:
                         counts[code.name] += 1
                         by_method[(method, code.name)] += 1
                         if code.name not in FUZZ_EXPECTED and len(unexpected) < 20:
-                            unexpected.append((method, code.name))
+                            unexpected.append((method, code.name, str(detail)[:120]))
                     if server.proc.poll() is not None:
                         crashed[0] = server.proc.returncode
 
