@@ -6,7 +6,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: serve test test-rust test-python test-deploy lint runtime venv build bench-peers clean
+.PHONY: serve test test-rust test-python test-deploy lint runtime venv build bench-peers reliability clean
 
 ## Fetch ONNX Runtime, build, and run qserver on the shipped default model.
 serve: runtime
@@ -45,6 +45,14 @@ build: runtime
 bench-peers: runtime venv
 	cargo build --release -p qserver -p qclient
 	$(VENV_PY) bench/peers.py $(ARGS)
+
+## Reliability suite (not part of `make test`: about 3 minutes + the randomised run): load, SIGTERM,
+## kill -9, corrupt models, adversarial clients, random calls, bad inputs; on 127.0.0.1 only. Rewrites
+## docs/reliability.md. RELIABILITY_FUZZ_SECS (default 600) and RELIABILITY_LOAD_SECS (60) shorten it;
+## ARGS="--sections load,catalogue" picks sections. QSERVER_BIN overrides target/release/qserver.
+reliability: runtime venv
+	cargo build --release -p qserver -p qclient
+	$(VENV_PY) scripts/reliability.py $(ARGS)
 
 # The Python environment (pinned): the model pipeline and the deploy/ checks.
 venv: $(VENV)/.installed

@@ -82,4 +82,35 @@ mod tests {
         assert_eq!(collapse_whitespace("\u{00a0} a \n\n b\u{2003}"), "a b");
         assert_eq!(collapse_whitespace("a\u{1f}b"), "a b");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn split_is_never_empty_and_holds_clean_distinct_parts(
+            text in "[ a-cA-C|\\t\\n\\u{3000}é]{0,40}",
+            query in "[ a-z]{0,10}",
+        ) {
+            let out = split(&text, &query);
+            proptest::prop_assert!(!out.is_empty());
+            let parts: Vec<String> = parts(&text).collect();
+            if parts.is_empty() {
+                proptest::prop_assert_eq!(out, vec![query.trim().to_string()]);
+            } else {
+                let mut seen = std::collections::HashSet::new();
+                for p in &out {
+                    proptest::prop_assert!(!p.is_empty() && !p.contains('|'), "{:?}", out);
+                    proptest::prop_assert_eq!(&collapse_whitespace(p), p);
+                    proptest::prop_assert!(parts.contains(p));
+                    proptest::prop_assert!(seen.insert(p.to_lowercase()), "duplicate {:?} in {:?}", p, out);
+                }
+            }
+        }
+
+        #[test]
+        fn collapse_whitespace_is_idempotent(s in "[ a\\t\\n\\u{a0}\\u{1c}\\u{2028}é]{0,30}") {
+            let once = collapse_whitespace(&s);
+            proptest::prop_assert_eq!(collapse_whitespace(&once), once.clone());
+            proptest::prop_assert!(!once.chars().any(|c| is_space(c) && c != ' '));
+            proptest::prop_assert!(!once.starts_with(' ') && !once.ends_with(' ') && !once.contains("  "));
+        }
+    }
 }

@@ -183,6 +183,8 @@ pub fn request(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const LIMITS: Limits =
@@ -261,5 +263,87 @@ mod tests {
             options(&o, &LIMITS).unwrap().0.search,
             SearchKind::Sample { num_return_sequences: 3, temperature: DEFAULT_TEMPERATURE, seed: 5 }
         );
+    }
+
+    // Random options, in and far out of range: the checks accept exactly the documented space
+    // and never hand the engine anything outside it.
+    fn wire_options() -> impl Strategy<Value = pb::GenerationOptions> {
+        let small = || prop_oneof![0u32..=12, Just(u32::MAX), any::<u32>()];
+        let temperature = prop_oneof![Just(0.0f32), -2.0f32..4.0, Just(f32::NAN), Just(f32::INFINITY), any::<f32>()];
+        (
+            prop_oneof![0u32..=300, any::<u32>()],
+            small(),
+            small(),
+            any::<bool>(),
+            temperature,
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(max_new_tokens, num_beams, num_return_sequences, do_sample, temperature, seed, truncate)| {
+                    pb::GenerationOptions {
+                        max_new_tokens,
+                        num_beams,
+                        num_return_sequences,
+                        do_sample,
+                        temperature,
+                        seed,
+                        truncate,
+                        ..Default::default()
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn options_accept_exactly_the_documented_space(o in wire_options()) {
+            let beams = o.num_beams.max(1);
+            let n = o.num_return_sequences.max(1);
+            let valid = o.max_new_tokens as usize <= LIMITS.max_new_tokens_limit
+                && o.num_beams <= MAX_BEAMS
+                && if o.do_sample {
+                    beams == 1 && o.temperature.is_finite() && o.temperature >= 0.0 && n <= MAX_SAMPLES
+                } else {
+                    n <= beams
+                };
+            match options(&o, &LIMITS) {
+                Ok((p, truncate)) => {
+                    prop_assert!(valid, "accepted {o:?}");
+                    prop_assert!((1..=LIMITS.max_new_tokens_limit).contains(&p.max_new_tokens));
+                    prop_assert_eq!(truncate, o.truncate);
+                    match p.search {
+                        SearchKind::Greedy => prop_assert!(!o.do_sample && beams == 1 && n == 1),
+                        SearchKind::Beam { num_beams, num_return_sequences } => {
+                            prop_assert!((2..=MAX_BEAMS as usize).contains(&num_beams));
+                            prop_assert!((1..=num_beams).contains(&num_return_sequences));
+                        }
+                        SearchKind::Sample { num_return_sequences, temperature, .. } => {
+                            prop_assert!(temperature.is_finite() && temperature > 0.0);
+                            prop_assert!((1..=MAX_SAMPLES as usize).contains(&num_return_sequences));
+                        }
+                    }
+                }
+                Err(ServiceError::InvalidArgument(m)) => {
+                    prop_assert!(!valid, "refused {o:?}: {m}");
+                    prop_assert!(m.starts_with("options."), "the message names the field: {m}");
+                }
+                Err(other) => prop_assert!(false, "not InvalidArgument: {other:?}"),
+            }
+        }
+
+        #[test]
+        fn accepted_queries_are_normalised_visible_and_stable(raw in "[ a\\t\\n\\u{200B}\\u{FEFF}\\u{0}é中|]{0,30}") {
+            match query(&raw, &LIMITS) {
+                Ok(q) => {
+                    prop_assert!(!q.is_empty() && q.chars().count() <= LIMITS.max_query_chars);
+                    prop_assert!(!q.starts_with(' ') && !q.ends_with(' ') && !q.contains("  "));
+                    prop_assert!(q.chars().any(|c| c != ' ' && !invisible(c)), "{q:?}");
+                    prop_assert_eq!(query(&q, &LIMITS).unwrap(), q.clone());
+                }
+                Err(ServiceError::InvalidArgument(m)) => prop_assert!(!m.is_empty()),
+                Err(other) => prop_assert!(false, "not InvalidArgument: {other:?}"),
+            }
+        }
     }
 }
