@@ -144,6 +144,9 @@ pub async fn serve(
             let result = tokio::task::spawn_blocking(move || {
                 // One copy of the native decoder's weights for every worker.
                 let native = onnx_t5::load_native(&model, settings.decoder)?;
+                if native.is_some() {
+                    onnx_t5::check_onnx_decoder(&env, &model)?;
+                }
                 let decoder = if native.is_some() { DecoderKind::Native } else { DecoderKind::Onnx };
                 let streamed = native.as_ref().is_some_and(|n| n.streams_weights());
                 let kernel = kernels::kernel().name();

@@ -49,6 +49,17 @@ async fn corrupt_onnx_file_fails_serve_with_the_file_name() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn damaged_onnx_decoder_fails_start_up_even_when_the_native_decoder_runs_the_steps() {
+    let dir = temp_model_copy("native-onnx", "decoder_with_past_model.onnx");
+    // The checkpoint makes `--decoder auto` choose the native decoder.
+    std::os::unix::fs::symlink(common::model_dir().join("pytorch"), dir.join("pytorch")).unwrap();
+    std::fs::write(dir.join("decoder_with_past_model.onnx"), b"not an onnx model").unwrap();
+    let err = serve_error(&["--model", dir.to_str().unwrap(), "--workers", "1"]).await;
+    assert!(err.to_string().contains("decoder_with_past_model.onnx"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn qserver(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qserver"))
         .args(args)

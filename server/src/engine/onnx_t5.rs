@@ -265,6 +265,13 @@ impl OnnxDecoder {
     }
 }
 
+/// Opens the two ONNX decoder files once, checks how they wire together, and drops them. With
+/// the native decoder they answer nothing, but a damaged file should stop start-up now, not on
+/// the day someone runs `--decoder onnx`.
+pub fn check_onnx_decoder(env: &Environment, dir: &ModelDir) -> Result<(), ModelError> {
+    OnnxDecoder::load(env, dir, &SessionSettings::new(1)).map(|_| ())
+}
+
 impl OnnxT5 {
     /// Loads tokenizer and sessions from a checked model directory; the decoder as
     /// `settings.decoder` says (see [`load_native`]).
