@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{raw_grpc, TestServer};
 use prost::Message;
 use qreformulate::pb::{self, GenerationOptions};
 
@@ -30,39 +30,6 @@ fn example(query: &str, expected: &[&str], kind: &str, options: Option<Generatio
 fn benchmark(queries: &[&str], repeat: u32, warmup: u32, options: Option<GenerationOptions>) -> Vec<u8> {
     pb::BenchmarkRequest { queries: queries.iter().map(|s| (*s).into()).collect(), repeat, warmup, options }
         .encode_to_vec()
-}
-
-/// One call of `method` with `messages` as its frames; returns (grpc-status, grpc-message).
-async fn call(addr: std::net::SocketAddr, method: &str, messages: &[Vec<u8>]) -> (String, String) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/qreformulate.v1.Reformulator/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(request, false).unwrap();
-    for message in messages {
-        let mut frame = vec![0];
-        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        frame.extend_from_slice(message);
-        body.send_data(bytes::Bytes::from(frame), false).unwrap();
-    }
-    let _ = body.send_data(bytes::Bytes::new(), true);
-    let (parts, mut received) = response.await.unwrap().into_parts();
-    let header = |map: &http::HeaderMap, name: &str| map.get(name).map(|v| v.to_str().unwrap().to_owned());
-    if let Some(status) = header(&parts.headers, "grpc-status") {
-        return (status, header(&parts.headers, "grpc-message").unwrap_or_default());
-    }
-    while let Some(chunk) = received.data().await {
-        let _ = received.flow_control().release_capacity(chunk.unwrap().len());
-    }
-    let trailers = received.trailers().await.unwrap().expect("trailers");
-    (header(&trailers, "grpc-status").expect("grpc-status"), header(&trailers, "grpc-message").unwrap_or_default())
 }
 
 /// (case, method, frames, expected grpc-status, a word the message must hold)
@@ -180,7 +147,9 @@ async fn bad_inputs_get_their_codes() {
     let mut failures = Vec::new();
     for (case, method, frames, expected, needle) in &cases {
         let (status, message) =
-            tokio::time::timeout(Duration::from_secs(60), call(server.addr, method, frames)).await.expect(case);
+            tokio::time::timeout(Duration::from_secs(60), raw_grpc::call(server.addr, method, frames))
+                .await
+                .expect(case);
         if status != *expected || !message.contains(needle) {
             failures.push(format!("{method} {case}: expected {expected} with {needle:?}, got {status} {message:?}"));
         }

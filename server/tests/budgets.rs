@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, TestServer};
+use common::{client, raw_grpc, TestServer};
 use qreformulate::pb::{self, GenerationOptions, ReformulateRequest};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request};
@@ -160,17 +160,13 @@ async fn evaluate_echoes_labels_only_when_asked_and_limits_labels_and_response()
 /// model answers). Returns the call's grpc-status and grpc-message.
 async fn evaluate_frame_per_message(addr: std::net::SocketAddr, count: usize) -> (String, String) {
     use prost::Message;
-    let (response, mut body, connection) = raw_call(addr, "Evaluate").await;
+    let (response, mut body, connection) = raw_grpc::open(addr, "Evaluate").await;
     for i in 0..count {
         let message = example(&format!("{QUERY} {i}"), &["Nikola Tesla lifespan"], false).encode_to_vec();
-        let mut frame = Vec::with_capacity(5 + message.len());
-        frame.push(0);
-        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&message);
         if i % 32 == 31 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        if body.send_data(bytes::Bytes::from(frame), false).is_err() {
+        if body.send_data(raw_grpc::frame(&message), false).is_err() {
             // The stream is closed: answered early, or the connection is gone (then the
             // response below says which).
             eprintln!("stream closed after {i} messages");
@@ -182,43 +178,7 @@ async fn evaluate_frame_per_message(addr: std::net::SocketAddr, count: usize) ->
         Ok(response) => response,
         Err(e) => panic!("no response: {e}; connection: {:?}", connection.await),
     };
-    grpc_status(response).await
-}
-
-/// Opens a raw HTTP/2 gRPC call to `method` of the service.
-async fn raw_call(
-    addr: std::net::SocketAddr,
-    method: &str,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/qreformulate.v1.Reformulator/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, body) = h2.send_request(request, false).unwrap();
-    (response, body, connection)
-}
-
-/// The grpc-status and grpc-message of a finished call (headers when trailers-only).
-async fn grpc_status(response: http::Response<h2::RecvStream>) -> (String, String) {
-    let (parts, mut received) = response.into_parts();
-    // grpc-message is percent-encoded.
-    let header = |map: &http::HeaderMap, name: &str| map.get(name).map(|v| percent_decode(v.to_str().unwrap()));
-    if let Some(status) = header(&parts.headers, "grpc-status") {
-        return (status, header(&parts.headers, "grpc-message").unwrap_or_default());
-    }
-    while let Some(chunk) = received.data().await {
-        let chunk = chunk.unwrap_or_else(|e| panic!("response body failed: {e}"));
-        let _ = received.flow_control().release_capacity(chunk.len());
-    }
-    let trailers = received.trailers().await.unwrap_or_else(|e| panic!("no trailers: {e}")).expect("trailers");
-    (header(&trailers, "grpc-status").unwrap(), header(&trailers, "grpc-message").unwrap_or_default())
+    raw_grpc::status(response).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,12 +240,9 @@ async fn undecodable_and_abandoned_calls_are_answered_and_counted() {
     // Field 1 (query) as a length-delimited string that claims more bytes than there are.
     let garbage: &[u8] = &[0x0a, 0x7f, b'a'];
     for method in ["Reformulate", "Benchmark", "Evaluate"] {
-        let (response, mut body, _connection) = raw_call(server.addr, method).await;
-        let mut frame = vec![0];
-        frame.extend_from_slice(&(garbage.len() as u32).to_be_bytes());
-        frame.extend_from_slice(garbage);
-        body.send_data(bytes::Bytes::from(frame), true).unwrap();
-        let (status, message) = grpc_status(response.await.unwrap()).await;
+        let (response, mut body, _connection) = raw_grpc::open(server.addr, method).await;
+        body.send_data(raw_grpc::frame(garbage), true).unwrap();
+        let (status, message) = raw_grpc::status(response.await.unwrap()).await;
         assert_eq!(status, "3", "{method}: INVALID_ARGUMENT expected, got {status} {message}");
         assert!(message.contains("not a valid"), "{method}: {message}");
     }
@@ -322,20 +279,6 @@ async fn invisible_queries_are_refused_and_answers_hold_no_separator() {
         assert!(r.subqueries.iter().all(|s| !s.contains(['|', '\u{FFFD}']) && !s.is_empty()), "{query}: {r:?}");
     }
     server.stop().await.unwrap();
-}
-
-fn percent_decode(text: &str) -> String {
-    let mut out = Vec::new();
-    let mut bytes = text.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex: String = bytes.by_ref().take(2).map(char::from).collect();
-            out.push(u8::from_str_radix(&hex, 16).unwrap());
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test]

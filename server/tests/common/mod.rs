@@ -1,6 +1,8 @@
 //! Starts the real server (real model, real ONNX Runtime) on 127.0.0.1:0 for the tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod raw_grpc;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
