@@ -688,10 +688,11 @@ fn ctrl_c_in_chat_cancels_the_question_and_stays() {
 #[test]
 fn eval_in_a_terminal_shows_a_progress_bar() {
     let row = |q: &str| format!("{{\"query\": \"{q}\", \"subqueries\": \"a|b\", \"kind\": \"k\"}}\n");
-    let rows: String = (0..60).map(|i| row(QUERIES[i % 3])).collect();
+    let rows: String = (0..300).map(|i| row(QUERIES[i % 3])).collect();
     let (_dir, path) = temp_file("labelled.jsonl", &rows);
     let mut eval = pty(&["--addr", server(), "eval", &path, "--max-new-tokens", "12"]);
-    eval.exp_string("60/60 rows sent").unwrap();
+    // Rows answered count up as they come back (a frame before all 300 are), rows sent beside.
+    eval.exp_regex(r"\b([1-9]|[1-9][0-9]|[12][0-9][0-9])/300 answered \([^)]*\) [0-9]+ sent").unwrap();
     eval.exp_string("exact match").unwrap();
     eval.exp_eof().unwrap();
     exits_with(&eval, 0);
@@ -699,8 +700,36 @@ fn eval_in_a_terminal_shows_a_progress_bar() {
     let mut eval = pty(&["--addr", server(), "eval", &path, "--max-new-tokens", "12", "--json"]);
     let all = eval.exp_eof().unwrap();
     exits_with(&eval, 0);
-    assert!(!all.contains("rows sent"), "{all}");
+    assert!(!all.contains("answered"), "{all}");
     assert!(all.trim_start().starts_with('{'), "{all}");
+}
+
+/// A gRPC server with only the health service: every Reformulator call is UNIMPLEMENTED, as
+/// EvaluateStream is on a server from before it.
+fn health_only_server() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+            tx.send(format!("http://{}", listener.local_addr().unwrap())).unwrap();
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let _ = tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await;
+        });
+    });
+    rx.recv().expect("health-only server bound")
+}
+
+#[test]
+fn eval_falls_back_to_evaluate_when_evaluate_stream_is_unimplemented() {
+    let (_dir, path) = temp_file("labelled.jsonl", "{\"query\": \"q\", \"subqueries\": \"a\"}\n");
+    let out = qclient(&["--addr", &health_only_server(), "eval", &path], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The unary call was tried after EvaluateStream's UNIMPLEMENTED: its failure is reported.
+    assert!(stderr.contains("Evaluate failed: UNIMPLEMENTED"), "{stderr}");
+    assert!(!stderr.contains("EvaluateStream failed"), "{stderr}");
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
 }
 
 #[test]

@@ -79,7 +79,7 @@ impl Metrics {
             &["rpc"],
         )
         .expect("constant metric definition; this is a bug");
-        for rpc in ["Reformulate", "Evaluate", "Benchmark"] {
+        for rpc in ["Reformulate", "Evaluate", "EvaluateStream", "Benchmark"] {
             abandoned.with_label_values(&[rpc]);
             undecodable.with_label_values(&[rpc]);
         }

@@ -9,14 +9,13 @@ use std::{
     time::Instant,
 };
 
-use prost::Message;
 use qreformulate::{
     grounding::{QueryContext, WordRules},
     guards::{self, Answer, FallbackReason},
-    metrics::{GuardOutcome, MetricTable},
     pb,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::budget::{Budgets, CallBudget};
@@ -26,9 +25,12 @@ use crate::deadline;
 use crate::engine::{pool::EnginePool, CancelToken, Candidate, GenerateRequest, Generation};
 use crate::error::ServiceError;
 use crate::prometheus::Metrics;
-use crate::read_ahead::{self, Failure};
 use crate::validate::{self, Limits, ValidRequest};
 use qreformulate::latency::{ms, LatencyRecorder};
+
+mod evaluate;
+
+use evaluate::SendRows;
 
 /// Most warm-up generations in one Benchmark call.
 pub const MAX_BENCHMARK_WARMUP: usize = 10_000;
@@ -198,127 +200,6 @@ impl Shared {
             self.cache.insert(key, response.clone());
         }
         Ok(response)
-    }
-
-    pub async fn evaluate(
-        &self,
-        stream: Streaming<pb::EvaluateRequest>,
-        deadline: Option<Instant>,
-    ) -> Result<pb::EvaluateResponse, ServiceError> {
-        let pool = self.ready_pool()?;
-        let mut budget = CallBudget::start("Evaluate", &self.budgets, deadline);
-        let mut queue = read_ahead::spawn(stream, self.budgets);
-        let rules = self.rules().unwrap_or(WordRules::defaults());
-        let mut table = MetricTable::new();
-        let mut echo = MetricTable::new();
-        let mut latency = LatencyRecorder::new();
-        let mut examples = Vec::new();
-        let mut first_options: Option<pb::GenerationOptions> = None;
-        let mut echo_examples = false;
-        // The examples' share of the response, checked as it grows so that an answer too large
-        // to send fails early; the whole message is checked at the end.
-        let mut rows_bytes = 0usize;
-        let mut index = 0usize;
-        let after = |n: usize| format!("after {n} examples");
-        loop {
-            let read = match tokio::time::timeout_at(budget.deadline().into(), queue.next()).await {
-                Ok(Some(read)) => read,
-                Ok(None) => break,
-                Err(_) => {
-                    let waiting = ServiceError::DeadlineExceeded("deadline exceeded waiting for examples".into());
-                    return Err(budget.explain(waiting, &after(index)));
-                }
-            };
-            let example = match read {
-                Ok((i, example)) => {
-                    index = i;
-                    example
-                }
-                Err(failure) => {
-                    if matches!(failure, Failure::Undecodable(_)) {
-                        self.metrics.decode_failure("Evaluate");
-                    }
-                    return Err(failure.into_error());
-                }
-            };
-            if index == 1 {
-                first_options.clone_from(&example.options);
-                echo_examples = example.echo_examples;
-            }
-            let options = example.options.as_ref().or(first_options.as_ref());
-            let in_example = |e: ServiceError| match e {
-                ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("example {index}: {m}")),
-                other => other,
-            };
-            let valid = validate::request(&example.query, options, &self.limits).map_err(in_example)?;
-            budget.check_time(&after(index - 1))?;
-            let (generation, took) = {
-                let explain = |e| budget.explain(in_example(e), &after(index - 1));
-                let _permit = self.admit_waiting(budget.deadline()).await.map_err(explain)?;
-                let started = Instant::now();
-                let generation = self
-                    .generate(pool, valid.to_engine(&self.limits), Some(budget.deadline()))
-                    .await
-                    .map_err(explain)?;
-                (generation, started.elapsed())
-            };
-            budget.spend_tokens(generation.timings.generated_tokens, &valid.params.search, &after(index))?;
-            latency.record(took);
-            let ctx = rules.context(&valid.query);
-            let answer = answer(&generation.candidates[0], &valid, &ctx);
-            let outcome = GuardOutcome::of(&answer, &ctx);
-            let expected = &example.expected_subqueries;
-            let scores = table.add(&answer.subqueries, expected, &example.kind, outcome);
-            echo.add(std::slice::from_ref(&valid.query), expected, &example.kind, GuardOutcome::echo(rules));
-            // The client has its examples: query and labels come back only when asked for.
-            let (query, expected_subqueries) =
-                if echo_examples { (example.query, example.expected_subqueries) } else { (String::new(), Vec::new()) };
-            let row = pb::EvaluatedExample {
-                query,
-                expected_subqueries,
-                predicted_subqueries: answer.subqueries,
-                kind: example.kind,
-                rouge_l: scores.rouge_l,
-                exact_match: scores.exact_match,
-                latency_ms: ms(took),
-                fallback_reason: pb::FallbackReason::from(answer.fallback).into(),
-                invented: outcome.invented.unwrap_or(false),
-                degenerate: outcome.degenerate,
-            };
-            rows_bytes += row.encoded_len() + 4; // field key and length prefix
-            if rows_bytes > self.budgets.max_evaluate_response_bytes {
-                return Err(self.response_too_large(&format!("at example {index}"), echo_examples));
-            }
-            examples.push(row);
-        }
-        if index == 0 {
-            return Err(ServiceError::InvalidArgument("Evaluate received no examples".into()));
-        }
-        let response = pb::EvaluateResponse {
-            overall: Some(table.overall().into()),
-            per_kind: table.per_kind().into_iter().map(Into::into).collect(),
-            latency: Some(latency.summary()),
-            examples,
-            model_id: pool.model_id().to_owned(),
-            echo_overall: Some(echo.overall().into()),
-            echo_per_kind: echo.per_kind().into_iter().map(Into::into).collect(),
-        };
-        if response.encoded_len() > self.budgets.max_evaluate_response_bytes {
-            return Err(self.response_too_large(&format!("with its {index} examples"), echo_examples));
-        }
-        Ok(response)
-    }
-
-    fn response_too_large(&self, at: &str, echo_examples: bool) -> ServiceError {
-        let hint = if echo_examples {
-            "; leave echo_examples off or send fewer examples per call"
-        } else {
-            "; send fewer examples per call (or fewer distinct kinds)"
-        };
-        ServiceError::ResourceExhausted(format!(
-            "the Evaluate response would be over {} bytes (--max-evaluate-response-bytes) {at}{hint}",
-            self.budgets.max_evaluate_response_bytes
-        ))
     }
 
     pub async fn benchmark(
@@ -596,6 +477,46 @@ impl pb::reformulator_server::Reformulator for ReformulatorService {
             tracing::info!(examples = r.examples.len(), ms = ms(received.elapsed()), "evaluated");
         }
         result.map(Response::new).map_err(Status::from)
+    }
+
+    type EvaluateStreamStream = ReceiverStream<Result<pb::EvaluateProgress, Status>>;
+
+    async fn evaluate_stream(
+        &self,
+        request: Request<Streaming<pb::EvaluateRequest>>,
+    ) -> Result<Response<Self::EvaluateStreamStream>, Status> {
+        const RPC: &str = "EvaluateStream";
+        let received = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), received);
+        // Rows wait here while the client reads; HTTP/2 flow control holds the rest.
+        let (tx, rx) = mpsc::channel(16);
+        let service = self.clone();
+        let stream = request.into_inner();
+        tokio::spawn(async move {
+            let mut rows = SendRows::new(tx.clone());
+            let scored = service.shared.score_examples(RPC, stream, deadline, &mut rows);
+            // A client that goes away drops `rx`: the call stops and its generation with it.
+            let result = tokio::select! {
+                result = scored => result,
+                () = tx.closed() => {
+                    service.shared.metrics.abandoned(RPC);
+                    return;
+                }
+            };
+            service.outcome(RPC, received, &result);
+            if let Ok(summary) = &result {
+                tracing::info!(
+                    ms = ms(received.elapsed()),
+                    examples = summary.latency.as_ref().map_or(0, |l| l.count),
+                    "evaluated (streamed)"
+                );
+            }
+            let last = result
+                .map(|summary| pb::EvaluateProgress { item: Some(pb::evaluate_progress::Item::Summary(summary)) })
+                .map_err(Status::from);
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn benchmark(

@@ -149,9 +149,26 @@ async fn evaluate_echoes_labels_only_when_asked_and_limits_labels_and_response()
     let many: Vec<_> = (0..60).map(|i| example(&format!("{QUERY} {i}"), &["a b c"], i == 0)).collect();
     let status = c.evaluate(tokio_stream::iter(many)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    for needle in ["1500 bytes", "--max-evaluate-response-bytes", "echo_examples"] {
+    for needle in ["1500 bytes", "--max-evaluate-response-bytes", "echo_examples", "EvaluateStream"] {
         assert!(status.message().contains(needle), "{status:?} lacks {needle}");
     }
+    // EvaluateStream sends the same rows one message each: the cap on one answer does not apply.
+    let many: Vec<_> = (0..60).map(|i| example(&format!("{QUERY} {i}"), &["a b c"], i == 0)).collect();
+    let mut answer = c.evaluate_stream(tokio_stream::iter(many)).await.unwrap().into_inner();
+    let mut rows = 0;
+    while let Some(message) = answer.message().await.expect("EvaluateStream is not capped") {
+        match message.item {
+            Some(pb::evaluate_progress::Item::Example(row)) => {
+                rows += 1;
+                assert_eq!(row.query, format!("{QUERY} {}", rows - 1), "echoed in order");
+            }
+            Some(pb::evaluate_progress::Item::Summary(summary)) => {
+                assert_eq!(summary.overall.unwrap().examples, 60);
+            }
+            None => panic!("an empty EvaluateProgress"),
+        }
+    }
+    assert_eq!(rows, 60);
     server.stop().await.unwrap();
 }
 

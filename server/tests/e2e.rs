@@ -206,6 +206,86 @@ async fn evaluate_rejects_bad_examples_and_empty_streams() {
     assert_invalid(c.evaluate(tokio_stream::iter(Vec::<pb::EvaluateRequest>::new())).await, &["no examples"]);
 }
 
+/// Reads an EvaluateStream answer: its example rows in order, then the summary.
+async fn streamed(
+    answer: &mut tonic::Streaming<pb::EvaluateProgress>,
+) -> Result<(Vec<pb::EvaluatedExample>, pb::EvaluateResponse), Status> {
+    let mut rows = Vec::new();
+    while let Some(message) = answer.message().await? {
+        match message.item.expect("an EvaluateProgress always holds an item") {
+            pb::evaluate_progress::Item::Example(row) => rows.push(row),
+            pb::evaluate_progress::Item::Summary(summary) => {
+                assert!(answer.message().await?.is_none(), "a message after the summary");
+                return Ok((rows, summary));
+            }
+        }
+    }
+    panic!("the answer ended after {} rows without a summary", rows.len());
+}
+
+#[tokio::test]
+async fn evaluate_stream_answers_each_row_as_it_is_scored_and_agrees_with_evaluate() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let queries = [QUERY, "Where was the author of Dune born?", "capital of France population"];
+    let example = |q: &str| pb::EvaluateRequest {
+        query: q.into(),
+        expected_subqueries: vec![format!("{q} x")],
+        kind: "k".into(),
+        ..Default::default()
+    };
+    // Row i comes back before example i + 1 is sent: the request stream stays open meanwhile
+    // (with one answer at the end, as Evaluate gives, this would wait forever).
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(example(queries[0])).await.unwrap();
+    let mut answer = c.evaluate_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut rows = Vec::new();
+    for next in queries[1..].iter().map(Some).chain([None]) {
+        let message = tokio::time::timeout(Duration::from_secs(30), answer.message())
+            .await
+            .expect("no row while the stream is open")
+            .unwrap()
+            .expect("the answer ended early");
+        match message.item {
+            Some(pb::evaluate_progress::Item::Example(row)) => rows.push(row),
+            other => panic!("expected a row, got {other:?}"),
+        }
+        if let Some(q) = next {
+            tx.send(example(q)).await.unwrap();
+        }
+    }
+    drop(tx);
+    let (more, summary) = streamed(&mut answer).await.unwrap();
+    assert!(more.is_empty(), "{more:?}");
+    assert!(summary.examples.is_empty(), "the summary repeats the rows");
+    // The same examples through Evaluate: the same rows and tables.
+    let unary = c.evaluate(tokio_stream::iter(queries.map(example))).await.unwrap().into_inner();
+    let predicted =
+        |rows: &[pb::EvaluatedExample]| rows.iter().map(|r| r.predicted_subqueries.clone()).collect::<Vec<_>>();
+    assert_eq!(predicted(&rows), predicted(&unary.examples));
+    assert_eq!(summary.overall.as_ref().unwrap().examples, 3);
+    assert_eq!(summary.overall.as_ref().unwrap().rouge_l, unary.overall.as_ref().unwrap().rouge_l);
+    assert_eq!(summary.echo_overall, unary.echo_overall);
+    assert_eq!(summary.latency.unwrap().count, 3);
+    assert_eq!(summary.model_id, unary.model_id);
+}
+
+#[tokio::test]
+async fn evaluate_stream_rejects_bad_examples_and_empty_streams() {
+    let addr = shared_server();
+    common::wait_serving(addr).await;
+    let mut c = client(addr).await;
+    let good = pb::EvaluateRequest { query: QUERY.into(), ..Default::default() };
+    let blank = pb::EvaluateRequest { query: "   ".into(), ..Default::default() };
+    let mut answer = c.evaluate_stream(tokio_stream::iter(vec![good, blank])).await.unwrap().into_inner();
+    let first = answer.message().await.unwrap().expect("the good example's row");
+    assert!(matches!(first.item, Some(pb::evaluate_progress::Item::Example(_))), "{first:?}");
+    assert_invalid(streamed(&mut answer).await, &["example 2", "blank"]);
+    let empty = c.evaluate_stream(tokio_stream::iter(Vec::<pb::EvaluateRequest>::new())).await;
+    assert_invalid(streamed(&mut empty.unwrap().into_inner()).await, &["EvaluateStream", "no examples"]);
+}
+
 #[tokio::test]
 async fn benchmark_counts_and_ordered_percentiles() {
     let addr = shared_server();

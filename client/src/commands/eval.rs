@@ -1,22 +1,24 @@
-//! `qclient eval`: streams a labelled JSONL file to the Evaluate RPC and prints the metric
+//! `qclient eval`: streams a labelled JSONL file to the EvaluateStream RPC and prints the metric
 //! table (overall, then per kind) and the latency percentiles.
 //!
-//! On a terminal, a progress bar counts the rows as they are sent. Evaluate is client-streaming
-//! with one reply at the end, so how many rows the server has answered is known only then: the
-//! bar's message says so rather than guessing.
+//! On a terminal, a progress bar counts the rows answered (each comes back as soon as it is
+//! scored), with the rows sent beside it. A server from before EvaluateStream answers
+//! UNIMPLEMENTED; the unary Evaluate is used then, and the bar counts rows sent only.
 
 use std::process::ExitCode;
 
+use indicatif::ProgressBar;
 use qreformulate::pb;
-use tokio_stream::StreamExt as _;
 
 use super::print;
 use crate::cli::EvalArgs;
-use crate::connect::Target;
-use crate::dataset;
+use crate::connect::{Channel, Target};
+use crate::dataset::{self, LabelledExample};
 use crate::error::ClientError;
 use crate::progress;
 use crate::report::{render_eval, EvalReport};
+
+type Client = pb::reformulator_client::ReformulatorClient<Channel>;
 
 pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientError> {
     // Parse the whole file first: a bad line is reported before anything is sent.
@@ -28,42 +30,21 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
         )));
     }
     let options = args.generation.to_proto();
-    let messages: Vec<pb::EvaluateRequest> = examples
-        .into_iter()
-        .enumerate()
-        .map(|(i, example)| pb::EvaluateRequest {
-            query: example.query,
-            expected_subqueries: example.subqueries,
-            kind: example.kind,
-            // The first message's options apply to the rest.
-            options: (i == 0).then_some(options),
-            // The server answers in order without echoing: the labels are filled in below.
-            echo_examples: false,
-        })
-        .collect();
-    let sent: Vec<(String, Vec<String>)> =
-        messages.iter().map(|m| (m.query.clone(), m.expected_subqueries.clone())).collect();
-
     let mut client = target.reformulator().await?;
-    let total = messages.len() as u64;
-    let bar = progress::bar(total, args.json);
-    bar.set_prefix("rows sent ");
-    let counter = bar.clone();
-    // Counted as the transport pulls each row off the stream.
-    let rows = tokio_stream::iter(messages).map(move |row| {
-        counter.inc(1);
-        if counter.position() == total {
-            counter.set_message(format!("all sent; the server answers all {total} before it replies"));
+    let bar = progress::bar(examples.len() as u64, args.json);
+    let result = match evaluate_stream(&mut client, target, &examples, options, &bar).await {
+        Err(ClientError::Rpc { status, .. }) if status.code() == tonic::Code::Unimplemented => {
+            evaluate_unary(&mut client, target, &examples, options, &bar).await
         }
-        row
-    });
-    let result = client.evaluate(target.request(rows)).await;
+        other => other,
+    };
     bar.finish_and_clear();
-    let mut response = result.map_err(|status| ClientError::rpc("Evaluate", status))?.into_inner();
-    for (row, (query, expected)) in response.examples.iter_mut().zip(sent) {
+    let mut response = result?;
+    // The server answers in order without echoing: the labels are filled in here.
+    for (row, example) in response.examples.iter_mut().zip(examples) {
         if row.query.is_empty() {
-            row.query = query;
-            row.expected_subqueries = expected;
+            row.query = example.query;
+            row.expected_subqueries = example.subqueries;
         }
     }
     let report = EvalReport::from_proto(&response);
@@ -74,4 +55,81 @@ pub async fn run(target: &Target, args: EvalArgs) -> Result<ExitCode, ClientErro
         print(&render_eval(&report, args.mismatches))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// EvaluateStream: the bar's position is rows answered, its message rows sent.
+async fn evaluate_stream(
+    client: &mut Client,
+    target: &Target,
+    examples: &[LabelledExample],
+    options: pb::GenerationOptions,
+    bar: &ProgressBar,
+) -> Result<pb::EvaluateResponse, ClientError> {
+    const RPC: &str = "EvaluateStream";
+    bar.set_prefix("answered ");
+    let total = examples.len();
+    let counter = bar.clone();
+    // Counted as the transport pulls each row off the stream.
+    let rows = tokio_stream::iter(requests(examples, options).into_iter().enumerate().map(move |(i, row)| {
+        counter.set_message(format!("{} sent", i + 1));
+        row
+    }));
+    let mut answer = client.evaluate_stream(target.request(rows)).await.map_err(|s| ClientError::rpc(RPC, s))?;
+    let mut rows = Vec::with_capacity(total);
+    while let Some(message) = answer.get_mut().message().await.map_err(|s| ClientError::rpc(RPC, s))? {
+        match message.item {
+            Some(pb::evaluate_progress::Item::Example(row)) => {
+                rows.push(row);
+                bar.inc(1);
+            }
+            Some(pb::evaluate_progress::Item::Summary(mut summary)) => {
+                summary.examples = rows;
+                return Ok(summary);
+            }
+            None => {}
+        }
+    }
+    Err(ClientError::rpc(
+        RPC,
+        tonic::Status::internal(format!("the answer ended after {} of {total} rows without its summary", rows.len())),
+    ))
+}
+
+/// The unary Evaluate: one answer at the end, so the bar counts rows sent.
+async fn evaluate_unary(
+    client: &mut Client,
+    target: &Target,
+    examples: &[LabelledExample],
+    options: pb::GenerationOptions,
+    bar: &ProgressBar,
+) -> Result<pb::EvaluateResponse, ClientError> {
+    bar.set_prefix("rows sent ");
+    bar.set_message("");
+    let total = examples.len() as u64;
+    let counter = bar.clone();
+    // Counted as the transport pulls each row off the stream.
+    let rows = tokio_stream::iter(requests(examples, options).into_iter().inspect(move |_| {
+        counter.inc(1);
+        if counter.position() == total {
+            counter.set_message(format!("all sent; the server answers all {total} before it replies"));
+        }
+    }));
+    let result = client.evaluate(target.request(rows)).await;
+    result.map(tonic::Response::into_inner).map_err(|status| ClientError::rpc("Evaluate", status))
+}
+
+/// The request messages: one per example, the options on the first only (they apply to the
+/// rest), labels not echoed back.
+fn requests(examples: &[LabelledExample], options: pb::GenerationOptions) -> Vec<pb::EvaluateRequest> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, example)| pb::EvaluateRequest {
+            query: example.query.clone(),
+            expected_subqueries: example.subqueries.clone(),
+            kind: example.kind.clone(),
+            options: (i == 0).then_some(options),
+            echo_examples: false,
+        })
+        .collect()
 }
