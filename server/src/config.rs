@@ -80,7 +80,8 @@ pub struct Config {
     #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_SECS", default_value_t = 300)]
     pub max_connection_age_secs: u64,
 
-    /// Seconds a connection past its age may still finish its calls before it is closed.
+    /// Seconds a connection past its age (after its GOAWAY) may still finish its calls before
+    /// it is closed with whatever still runs (connection.rs).
     #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 60)]
     pub max_connection_age_grace_secs: u64,
 

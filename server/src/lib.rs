@@ -9,6 +9,7 @@ pub mod auth;
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod connection;
 pub mod deadline;
 pub mod decode_errors;
 pub mod engine;

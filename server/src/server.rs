@@ -12,7 +12,9 @@ use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::config::Config;
+use crate::connection::HardEnd;
 use qreformulate::grounding::GROUNDING_FILE;
+use tokio_stream::StreamExt as _;
 
 use crate::auth::{AuthLayer, Tokens};
 use crate::decode_errors::DecodeErrors;
@@ -53,10 +55,9 @@ fn transport(config: &Config) -> Server {
         .http2_keepalive_interval(Config::secs_or_off(config.keepalive_interval_secs))
         .http2_keepalive_timeout(Config::secs_or_off(config.keepalive_timeout_secs))
         .tcp_nodelay(true);
+    // The age alone: tonic's own grace skips the GOAWAY (see connection.rs, which enforces it).
     match Config::secs_or_off(config.max_connection_age_secs) {
-        Some(age) => server
-            .max_connection_age(age)
-            .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_secs)),
+        Some(age) => server.max_connection_age(age),
         None => server,
     }
 }
@@ -247,7 +248,11 @@ pub async fn serve(
     };
 
     let local_addr = listener.local_addr().ok();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let hard_end = Config::secs_or_off(config.max_connection_age_secs)
+        .map(|age| age + Duration::from_secs(config.max_connection_age_grace_secs));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|tcp| HardEnd::new(tcp, hard_end)));
     let mut builder = transport(&config);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| ServerError::Config(format!("TLS: {e}")))?;
