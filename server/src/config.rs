@@ -80,8 +80,14 @@ pub struct Config {
     #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_SECS", default_value_t = 300)]
     pub max_connection_age_secs: u64,
 
-    /// Seconds a connection past its age (after its GOAWAY) may still finish its calls before
-    /// it is closed with whatever still runs (connection.rs).
+    /// Seconds a connection may go without a call in flight before it is told to go away
+    /// (GOAWAY; the client reconnects on its next call), so that idle connections do not pile
+    /// up; 0 keeps them (until their age).
+    #[arg(long, env = "QSERVER_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds a connection told to go away (age, idle timeout, shutdown) may still finish its
+    /// calls before it is closed with whatever still runs (listener.rs).
     #[arg(long, env = "QSERVER_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 60)]
     pub max_connection_age_grace_secs: u64,
 
@@ -266,6 +272,7 @@ mod tests {
         assert!(!c.reflection && !c.log_queries && !c.tls() && c.auth_tokens.is_empty());
         assert_eq!(c.max_concurrent_streams, 100);
         assert_eq!(c.max_connection_age_secs, 300);
+        assert_eq!(c.idle_timeout_secs, 120);
         assert_eq!(c.max_request_bytes, 4 << 20);
         assert_eq!(c.max_response_bytes, 64 << 20);
         assert!(c.model.ends_with("models/qreformulate-t5"));

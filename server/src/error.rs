@@ -86,8 +86,6 @@ pub enum ServerError {
     Model(#[from] ModelError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("gRPC transport failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("cannot set up logging: {0}")]
     Logging(String),
 }

@@ -9,12 +9,11 @@ use std::{
 
 use qreformulate::{pb::reformulator_server::ReformulatorServer, FILE_DESCRIPTOR_SET};
 use tokio::{net::TcpListener, sync::oneshot};
-use tonic::transport::{server::TcpIncoming, Server};
+use tonic::service::Routes;
 
 use crate::config::Config;
-use crate::connection::HardEnd;
+use crate::listener::{self, Transport};
 use qreformulate::grounding::GROUNDING_FILE;
-use tokio_stream::StreamExt as _;
 
 use crate::auth::{AuthLayer, Tokens};
 use crate::decode_errors::DecodeErrors;
@@ -40,25 +39,6 @@ fn warmup_request(config: &Config) -> GenerateRequest {
         params: GenerationParams { max_new_tokens: 4, search: SearchKind::Greedy, ignore_eos: true, unguarded: false },
         max_input_tokens: config.max_input_tokens.get(),
         truncate: true,
-    }
-}
-
-/// The HTTP/2 transport with its limits (Envoy's edge settings as the bar: 100 streams per
-/// connection, 64 KiB stream and 1 MiB connection flow-control windows, so that a stalled
-/// request holds little memory).
-fn transport(config: &Config) -> Server {
-    let server = Server::builder()
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .http2_max_header_list_size(config.max_header_list_bytes)
-        .http2_keepalive_interval(Config::secs_or_off(config.keepalive_interval_secs))
-        .http2_keepalive_timeout(Config::secs_or_off(config.keepalive_timeout_secs))
-        .tcp_nodelay(true);
-    // The age alone: tonic's own grace skips the GOAWAY (see connection.rs, which enforces it).
-    match Config::secs_or_off(config.max_connection_age_secs) {
-        Some(age) => server.max_connection_age(age),
-        None => server,
     }
 }
 
@@ -248,15 +228,6 @@ pub async fn serve(
     };
 
     let local_addr = listener.local_addr().ok();
-    let hard_end = Config::secs_or_off(config.max_connection_age_secs)
-        .map(|age| age + Duration::from_secs(config.max_connection_age_grace_secs));
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|tcp| HardEnd::new(tcp, hard_end)));
-    let mut builder = transport(&config);
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).map_err(|e| ServerError::Config(format!("TLS: {e}")))?;
-    }
     let layers = tower::ServiceBuilder::new()
         .layer(AccessLayer::new(config.log_queries))
         .layer(GrpcOnlyLayer)
@@ -265,13 +236,12 @@ pub async fn serve(
     let reformulator = ReformulatorServer::new(ReformulatorService::new(Arc::clone(&shared)))
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_response_bytes);
-    let server = builder
-        .layer(layers)
-        .add_service(health_service)
-        .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .add_service(DecodeErrors::new(reformulator, Arc::clone(&shared)))
-        .serve_with_incoming_shutdown(incoming, signal);
+    let mut routes = Routes::new(health_service).add_service(DecodeErrors::new(reformulator, Arc::clone(&shared)));
+    if let (Some(v1), Some(v1alpha)) = (reflection_v1, reflection_v1alpha) {
+        routes = routes.add_service(v1).add_service(v1alpha);
+    }
+    let service = layers.service(routes.prepare());
+    let server = listener::serve(listener, tls, service, Transport::from_config(&config), signal);
     if let Some(addr) = local_addr {
         tracing::info!(%addr, "listening (NOT_SERVING until the model is warm)");
     }
@@ -285,11 +255,10 @@ pub async fn serve(
         }
     };
     tokio::pin!(server);
-    let served = tokio::select! {
-        result = &mut server => result,
+    tokio::select! {
+        () = &mut server => {}
         () = grace_over => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over; abandoning in-flight requests");
-            Ok(())
         }
     };
 
@@ -309,5 +278,5 @@ pub async fn serve(
     if let Some(e) = load_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e.into());
     }
-    served.map_err(ServerError::from)
+    Ok(())
 }

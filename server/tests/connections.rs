@@ -75,3 +75,73 @@ async fn a_call_still_running_at_age_plus_grace_is_cut() {
     fresh.reformulate(query("who wrote hamlet".into())).await.expect("a new connection is served");
     server.stop().await.unwrap();
 }
+
+const GOAWAY: u8 = 0x7;
+
+/// Opens an HTTP/2 connection that makes no call (preface and SETTINGS as raw bytes) and reads
+/// until the server sends GOAWAY or closes: the types of the frames it sent, and when.
+async fn idle_connection(addr: std::net::SocketAddr) -> (Vec<u8>, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let started = Instant::now();
+    let (mut received, mut types) = (Vec::new(), Vec::new());
+    let read = tokio::time::timeout(Duration::from_secs(15), async {
+        let (mut buf, mut at) = ([0u8; 4096], 0);
+        while !types.contains(&GOAWAY) {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+            // Frames: a 9-byte header (24-bit length, type, flags, stream id), then the payload.
+            while at + 9 <= received.len() {
+                let len = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+                types.push(received[at + 3]);
+                at += 9 + len;
+            }
+        }
+    });
+    read.await.expect("no GOAWAY and no close");
+    (types, started.elapsed())
+}
+
+/// A connection without calls gets GOAWAY after --idle-timeout-secs (a clean close the client
+/// expects, not a reset); with 0 it is kept; a client on a closed connection reconnects.
+#[tokio::test]
+async fn idle_connections_are_told_to_go_away() {
+    let server = TestServer::start(&["--idle-timeout-secs", "1"]).await;
+    let (frames, after) = idle_connection(server.addr).await;
+    assert!(frames.contains(&GOAWAY), "closed without GOAWAY; frames {frames:?}");
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(5), "closed after {after:?}");
+    // A channel whose connection went idle reconnects for its next call.
+    let mut client = common::client(server.addr).await;
+    client.reformulate(query("who wrote hamlet".into())).await.expect("first call");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    client.reformulate(query("who wrote hamlet".into())).await.expect("a call after the idle GOAWAY");
+    server.stop().await.unwrap();
+
+    let server = TestServer::start(&["--idle-timeout-secs", "0"]).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (_send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let kept = tokio::time::timeout(Duration::from_millis(2500), connection).await;
+    assert!(kept.is_err(), "closed although the idle timeout is off: {kept:?}");
+    server.stop().await.unwrap();
+}
+
+/// A call in flight longer than the idle timeout keeps its connection: with a 1 s grace, a
+/// GOAWAY sent while it runs would cut it.
+#[tokio::test]
+async fn a_long_call_is_not_idle() {
+    let server = TestServer::start(&["--idle-timeout-secs", "1", "--max-connection-age-grace-secs", "1"]).await;
+    let mut client = common::client(server.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let example = |q: &str| qreformulate::pb::EvaluateRequest { query: q.into(), ..Default::default() };
+    tx.send(example("who wrote hamlet")).await.unwrap();
+    let call = tokio::spawn(async move { client.evaluate(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    tx.send(example("who painted the mona lisa")).await.unwrap();
+    drop(tx);
+    let answer = call.await.unwrap().expect("the call outlived the idle timeout");
+    assert_eq!(answer.into_inner().overall.unwrap().examples, 2);
+    server.stop().await.unwrap();
+}

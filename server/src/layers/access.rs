@@ -17,12 +17,7 @@ use std::{
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tonic::{
-    body::Body,
-    codegen::Bytes,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-    Code,
-};
+use tonic::{body::Body, codegen::Bytes, Code};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -56,10 +51,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn peer(request: &Request<Body>) -> Option<SocketAddr> {
-    let ext = request.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()))
+    crate::listener::peer(request.extensions())
 }
 
 #[derive(Clone, Copy, Debug)]
