@@ -125,6 +125,15 @@ class GgufT5(GreedyT5):
             pass
 
 
+def system_info() -> str:
+    """The CPU features llama.cpp was compiled with and uses (those reported as 1), e.g. 'AVX512 VNNI ...'."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    on = [part.split("=")[0].strip() for part in info.removeprefix("CPU :").split("|") if part.strip().endswith("= 1")]
+    return "CPU: " + " ".join(on) if on else info
+
+
 def llama_cpp_version() -> str:
     """llama-cpp-python's version, or 'not installed'."""
     from importlib import metadata
