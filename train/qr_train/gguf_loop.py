@@ -77,7 +77,7 @@ class GgufT5(GreedyT5):
         # Flash attention off: llama.cpp's default (auto) turns it on for the cross-attention and
         # the decoder steps, measured slower here at one thread with every T5 shape we run
         # (16 tokens: shipped 26.6 -> 20.1 ms, flan-t5-small Q8_0 176 -> 145 ms, flan-t5-base Q8_0
-        # 653 -> 581 ms, on the 2-core EPYC Zen 4 of docs/benchmarks.md). It cannot apply to the
+        # 653 -> 581 ms, on the 2-core Xeon (AVX-512 VNNI) of docs/benchmarks.md). It cannot apply to the
         # self-attention anyway: T5's relative position bias is a KQ bias, which its kernel lacks.
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
