@@ -52,6 +52,12 @@ class LlamaCppError(RuntimeError):
 
 
 class GgufT5(GreedyT5):
+    """A GGUF file of qr_train.gguf, with tokenizer.json (and grounding.json, when any) beside it.
+
+    n_ctx bounds the query's tokens and the generated ones alike; verbose shows llama.cpp's log
+    (decided by the first GgufT5 of the process).
+    """
+
     def __init__(self, gguf_path: Path | str, threads: int = 1, n_ctx: int = 512, verbose: bool = False):
         import llama_cpp
 
@@ -74,11 +80,11 @@ class GgufT5(GreedyT5):
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
-        # Flash attention off: llama.cpp's default (auto) turns it on for the cross-attention and
-        # the decoder steps, measured slower here at one thread with every T5 shape we run
-        # (16 tokens: shipped 26.6 -> 20.1 ms, flan-t5-small Q8_0 176 -> 145 ms, flan-t5-base Q8_0
-        # 653 -> 581 ms, on the 2-core Xeon (AVX-512 VNNI) of docs/benchmarks.md). It cannot apply to the
-        # self-attention anyway: T5's relative position bias is a KQ bias, which its kernel lacks.
+        # Flash attention off. llama.cpp's default (auto) turns it on, which only the cross-attention
+        # can use (T5's relative position bias is a KQ bias, which the kernel lacks), and that measured
+        # slower at one thread on every T5 shape we run (16 tokens, on the 2-core Xeon of
+        # docs/benchmarks.md: shipped 26.6 -> 20.1 ms, flan-t5-small Q8_0 176 -> 145 ms,
+        # flan-t5-base Q8_0 653 -> 581 ms).
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
