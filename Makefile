@@ -6,7 +6,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: serve test test-rust test-python test-deploy lint runtime venv build bench-peers reliability clean
+.PHONY: serve test test-rust test-python test-deploy lint runtime venv bench-deps build bench-peers reliability clean
 
 ## Fetch ONNX Runtime, build, and run qserver on the shipped default model.
 serve: runtime
@@ -40,9 +40,9 @@ runtime:
 build: runtime
 	cargo build --release --workspace
 
-## Compare qserver with PyTorch, Optimum ORT, CTranslate2 and a Python ORT loop on the same
-## models and queries; rewrites docs/benchmarks.{md,json,png}. Options: ARGS="--base --queries 60".
-bench-peers: runtime venv
+## Compare qserver with PyTorch, Optimum ORT, CTranslate2, llama.cpp (GGUF) and a Python ORT loop on
+## the same models and queries; rewrites docs/benchmarks.{md,json,png}. Options: ARGS="--base --queries 60".
+bench-peers: runtime venv bench-deps
 	cargo build --release -p qserver -p qclient
 	$(VENV_PY) bench/peers.py $(ARGS)
 
@@ -60,6 +60,13 @@ $(VENV)/.installed: train/requirements.txt deploy/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
 	$(VENV_PY) -m pip install --quiet -r train/requirements.txt -r deploy/requirements.txt
+	touch $@
+
+# The harness's extra peers (bench/requirements.txt: llama-cpp-python, compiled from source by pip,
+# minutes on 2 cores); not needed by `make test`.
+bench-deps: $(VENV)/.bench-installed
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(VENV_PY) -m pip install --quiet -r bench/requirements.txt
 	touch $@
 
 clean:

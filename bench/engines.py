@@ -195,6 +195,48 @@ class OnnxLoopEngine(Engine):
         super().close()
 
 
+class LlamaCppEngine(Engine):
+    """llama.cpp on a GGUF file made by `qr_train.gguf`, through llama-cpp-python's low-level API."""
+
+    def __init__(self, gguf_file: Path, label: str, max_new_tokens: int, fixed: bool, threads: int = 1):
+        super().__init__(gguf_file.parent / "tokenizer.json", max_new_tokens, fixed)
+        self.name = f"llama.cpp ({label})"
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            raise EngineError(f"llama-cpp-python is not installed ({e}): `make bench-deps` builds it "
+                              "(bench/requirements.txt)") from e
+        from qr_train.gguf_loop import GgufT5, llama_cpp_version, system_info
+
+        self.model = GgufT5(gguf_file, threads=threads)
+        self.detail = (f"`qr_train.gguf_loop.GgufT5` on `{_rel(gguf_file)}` (`qr_train.gguf`: {GGUF_LAYOUT[label]}): "
+                       f"llama-cpp-python {llama_cpp_version()} (llama.cpp built from its sdist by pip, "
+                       f"`{system_info()}`), `llama_encode` then one `llama_decode` per token, greedy in Python, "
+                       f"n_threads = n_threads_batch = {threads}, tokens from tokenizer.json")
+
+    def generate_ids(self, input_ids):
+        return self.model.generate_ids(input_ids, self.max_new_tokens, ignore_eos=self.fixed)
+
+    def close(self):
+        self.model.close()
+        del self.model
+        super().close()
+
+
+GGUF_LAYOUT = {
+    "Q8_0": "every matrix Q8_0, norms and relative-attention biases F32",
+    "Q4_0": "block matrices Q4_0, token embedding and lm_head Q8_0, norms and relative-attention biases F32",
+}
+
+
+def convert_gguf(checkpoint: Path, out_dir: Path) -> Path:
+    """`qr_train.gguf` on the PyTorch checkpoint: out_dir/model-q8_0.gguf and model-q4_0.gguf."""
+    from qr_train.gguf import convert
+
+    convert(checkpoint, out_dir)
+    return out_dir
+
+
 def convert_ctranslate2(checkpoint: Path, out_dir: Path) -> Path:
     """CTranslate2's TransformersConverter on the PyTorch checkpoint, loaded as fp32, quantized int8_float32.
 

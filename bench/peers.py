@@ -1,12 +1,13 @@
 """Peer benchmark: qserver (over gRPC and in-process) against PyTorch, Optimum ONNX Runtime
-(fp32 and int8), CTranslate2 int8 and a hand-written Python ONNX Runtime loop, on the same
-model files, the same queries and one thread each; then qserver under load and with its cache.
+(fp32 and int8), CTranslate2 int8, llama.cpp (GGUF Q8_0 and Q4_0) and a hand-written Python ONNX
+Runtime loop, on the same model files, the same queries and one thread each; then qserver under
+load and with its cache.
 
     .venv/bin/python bench/peers.py [--queries N] [--base] [--out docs]      (make bench-peers)
 
 Models:
   * the shipped model (--model, int8 ONNX) with its PyTorch checkpoint (--checkpoint; the fp32
-    ONNX export and the CTranslate2 conversion are made from it under --work), natural-length
+    ONNX export, the CTranslate2 conversion and the GGUF files are made from it under --work), natural-length
     greedy decoding up to --max-new-tokens (64);
   * random models with the exact flan-t5-small (and, with --base, flan-t5-base) shapes, made
     under --work by qr_train.random_model + qr_train.export and kept between runs, with every
@@ -40,7 +41,8 @@ import report  # noqa: E402
 from server import QServer, ServerError, install_sigterm_handler, version  # noqa: E402
 
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
-ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "pytorch", "optimum-fp32", "optimum-int8", "ct2", "loop")
+ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "pytorch", "optimum-fp32", "optimum-int8", "ct2",
+               "llamacpp-q8_0", "llamacpp-q4_0", "loop")
 DONE = ".complete"
 GROUNDING_FILE = "grounding.json"  # qr_train.grounding.FILE_NAME: read by qserver, not by the peers
 
@@ -110,6 +112,21 @@ def ensure_ct2(checkpoint: Path, out: Path) -> Path:
     return _ensure_made(checkpoint, out, "converting to CTranslate2 int8_float32", convert_ctranslate2)
 
 
+def ensure_gguf(checkpoint: Path, out: Path) -> Path:
+    from engines import convert_gguf
+
+    return _ensure_made(checkpoint, out, "converting to GGUF (Q8_0, Q4_0)", convert_gguf)
+
+
+def add_gguf(files: dict, checkpoint: Path, out: Path) -> None:
+    """files["gguf"], or the reason there is none (the llama.cpp rows then say it)."""
+    try:
+        files["gguf"] = ensure_gguf(checkpoint, out)
+    except Exception as e:  # noqa: BLE001 -- the other engines can still be measured
+        files["gguf_missing"] = f"GGUF conversion (qr_train.gguf) failed: {type(e).__name__}: {e}"
+        files["gguf_failed"] = True
+
+
 def ensure_random_model(shape: str, root: Path) -> dict:
     """random_model + export (int8 and fp32), once; later runs reuse the directory."""
     base = root / shape
@@ -121,12 +138,13 @@ def ensure_random_model(shape: str, root: Path) -> dict:
         _mark(fp32, _stamp(ckpt))
         (base / DONE).write_text("ok\n")
     link_checkpoint(int8, ckpt)
-    files = dict(checkpoint=ckpt, int8=int8, fp32=fp32, ct2=None)
+    files = dict(checkpoint=ckpt, int8=int8, fp32=fp32, ct2=None, gguf=None)
     try:
         files["ct2"] = ensure_ct2(ckpt, base / "ct2")
     except Exception as e:  # noqa: BLE001 -- the other engines can still be measured
         files["ct2_missing"] = f"CTranslate2 conversion failed: {type(e).__name__}: {e}"
         files["ct2_failed"] = True
+    add_gguf(files, ckpt, base / "gguf")
     return files
 
 
@@ -339,6 +357,10 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
          lambda: engines.OptimumEngine(files["int8"], "int8", n, fixed, t)),
         ("ct2", "CTranslate2 (int8_float32)", "ct2",
          lambda: engines.CTranslate2Engine(files["ct2"], files["int8"] / "tokenizer.json", n, fixed, t)),
+        ("llamacpp-q8_0", "llama.cpp (Q8_0)", "gguf",
+         lambda: engines.LlamaCppEngine(files["gguf"] / "model-q8_0.gguf", "Q8_0", n, fixed, t)),
+        ("llamacpp-q4_0", "llama.cpp (Q4_0)", "gguf",
+         lambda: engines.LlamaCppEngine(files["gguf"] / "model-q4_0.gguf", "Q4_0", n, fixed, t)),
         ("loop", "Python ORT loop (int8)", "int8",
          lambda: engines.OnnxLoopEngine(files["int8"], n, fixed, t)),
     ]
@@ -456,7 +478,8 @@ def _busy(load: str) -> bool:
 
 def versions(qserver: Path) -> dict:
     out = {"python": platform.python_version(), "qserver": version(qserver).replace("qserver ", "")}
-    for pkg in ("onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "ctranslate2", "numpy"):
+    for pkg in ("onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "ctranslate2", "llama-cpp-python",
+                "gguf", "numpy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -564,7 +587,7 @@ def main(argv=None) -> int:
 
     # 1. Every model file first, so no export runs between measurements.
     plans = []
-    shipped = dict(int8=args.model.resolve(), checkpoint=None, fp32=None, ct2=None)
+    shipped = dict(int8=args.model.resolve(), checkpoint=None, fp32=None, ct2=None, gguf=None)
     notes = []
     if args.checkpoint.exists() and (args.checkpoint / "config.json").exists():
         mismatch = check_same_shapes(args.model, args.checkpoint)
@@ -581,11 +604,12 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             shipped["ct2_missing"] = f"CTranslate2 conversion failed: {type(e).__name__}: {e}"
             shipped["ct2_failed"] = True
+        add_gguf(shipped, shipped["checkpoint"], stamp_dir / "gguf")
     else:
         missing = f"no PyTorch checkpoint at {rel(args.checkpoint)}"
-        for k in ("checkpoint", "fp32", "ct2"):
+        for k in ("checkpoint", "fp32", "ct2", "gguf"):
             shipped[f"{k}_missing"] = missing
-        notes.append(missing + ": PyTorch, Optimum fp32 and CTranslate2 were not measured on this model "
+        notes.append(missing + ": PyTorch, Optimum fp32, CTranslate2 and llama.cpp were not measured on this model "
                      "(pass --checkpoint DIR).")
     shipped_dir_key = hashlib.sha256(str(args.model.resolve()).encode()).hexdigest()[:8]
     if (args.model / GROUNDING_FILE).exists():
@@ -599,7 +623,7 @@ def main(argv=None) -> int:
                       f"{describe_model(args.model)}. Natural-length greedy decoding, at most "
                       f"{args.max_new_tokens} new tokens: engines may stop at different lengths, compare tokens/s "
                       "as well as latency."
-                      + (f" The fp32 ONNX export and the CTranslate2 model are made from the PyTorch checkpoint "
+                      + (f" The fp32 ONNX export, the CTranslate2 model and the GGUF files are made from the PyTorch checkpoint "
                          f"`{rel(args.checkpoint)}` (loaded as fp32)." if shipped["checkpoint"] else ""),
                       fixed=False, max_new_tokens=args.max_new_tokens)
     section.data["notes"] += notes
@@ -611,7 +635,7 @@ def main(argv=None) -> int:
             f"{shape} (random), {args.fixed_tokens} tokens",
             f"{describe_model(files['int8'])}. Random weights made by `qr_train.random_model {shape}` and exported "
             f"by `qr_train.export` (the shipped model's pipeline), kept in `{rel(work / shape)}`. Every engine "
-            f"generates exactly {args.fixed_tokens} tokens per query (ignore_eos for qserver and the Python loop, "
+            f"generates exactly {args.fixed_tokens} tokens per query (ignore_eos for qserver, llama.cpp and the Python loop, "
             f"min_new_tokens = max_new_tokens for PyTorch and Optimum, min/max_decoding_length for "
             "CTranslate2; checked for every query), so all do identical work.",
             fixed=True, max_new_tokens=args.fixed_tokens), files))

@@ -146,7 +146,8 @@ def render_markdown(results: dict) -> str:
            if m.get("shared") else ""),
         f"- Versions: qserver {v['qserver']}, Python {v['python']}, onnxruntime {v['onnxruntime']}, "
         f"torch {v['torch']}, transformers {v['transformers']}, optimum {v['optimum']}"
-        f" (optimum-onnx {v['optimum-onnx']}), ctranslate2 {v['ctranslate2']}",
+        f" (optimum-onnx {v['optimum-onnx']}), ctranslate2 {v['ctranslate2']}"
+        + (f", llama-cpp-python {v['llama-cpp-python']} (gguf {v.get('gguf', '?')})" if "llama-cpp-python" in v else ""),
         f"- Commit: {results.get('commit', 'unknown')}",
         f"- Command: `{results['command']}`",
         "",
@@ -156,7 +157,8 @@ def render_markdown(results: dict) -> str:
         f"run one at a time, each once, after {s['warmup']} untimed warm-up queries (the first ones of the same list).",
         f"- {_threads_phrase(s)} for every engine: qserver with `--workers 1 --intra-op-threads {s.get('threads', 1)} "
         f"--cache-capacity 0`, `torch.set_num_threads({s.get('threads', 1)})`, ONNX Runtime "
-        f"`intra_op_num_threads={s.get('threads', 1)}`, CTranslate2 `intra_threads={s.get('threads', 1)}`"
+        f"`intra_op_num_threads={s.get('threads', 1)}`, CTranslate2 `intra_threads={s.get('threads', 1)}`, "
+        f"llama.cpp `n_threads={s.get('threads', 1)}`"
         + (" (ONNX Runtime sessions with spinning off, as qserver runs them)" if s.get("threads", 1) > 1 else "")
         + ". Greedy decoding everywhere, batch size 1.",
         "- Latency is per query, text in to text out: tokenization, encoder, decoder loop, detokenization. "

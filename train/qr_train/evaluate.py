@@ -1,6 +1,7 @@
 """Evaluate exported models and print the metric table.
 
     python -m qr_train.evaluate --model models/qreformulate-t5 [--fp32 DIR] [--unguarded] [--json OUT]
+                                [--gguf OUT/model-q8_0.gguf ...]
 
 Rows: each model (int8, and fp32 when given) answering as the server does (grounded decoding
 and the guards of docs/grounding.md when the model ships grounding.json) and an echo-the-input
@@ -8,7 +9,10 @@ baseline, on the corpus's group-held-out test split, the project's datasets/test
 entities) and datasets/robustness.jsonl (traffic-shaped queries), overall and per kind, with
 the trust metrics (invented-word, degenerate and fallback rates); plus the unseen-entity copy
 rate and, with --fp32, int8/fp32 greedy agreement. --unguarded adds the same model decoding
-plain greedy with today's split, for comparison.
+plain greedy with today's split, for comparison. --gguf adds a GGUF file of the same checkpoint
+(`qr_train.gguf`), run by llama.cpp (`qr_train.gguf_loop`, needs llama-cpp-python: `make
+bench-deps`) with the grounding.json beside it, and the share of its answers identical to the
+int8 ONNX model's (and the fp32 one's, with --fp32).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from . import grounding
 from . import subqueries as sq
 from .corpus import DEFAULT_CORPUS, REPO_ROOT, Example, load_labelled_jsonl, load_splits
+from .greedy import GreedyT5
 from .metrics import MetricTable
 from .onnx_loop import OnnxT5
 from .unseen import copy_rate, unseen_entity_set
@@ -27,6 +32,20 @@ from .unseen import copy_rate, unseen_entity_set
 DEFAULT_LABELLED = REPO_ROOT / "datasets" / "test.jsonl"
 DEFAULT_ROBUSTNESS = REPO_ROOT / "datasets" / "robustness.jsonl"
 UNGUARDED = " unguarded"
+GGUF = "gguf "  # label prefix of a GGUF file run by llama.cpp
+
+
+def load_model(path: Path) -> GreedyT5:
+    """An ONNX model directory (OnnxT5) or a .gguf file (GgufT5, llama.cpp)."""
+    if Path(path).suffix == ".gguf":
+        from .gguf_loop import GgufT5
+
+        return GgufT5(path)
+    return OnnxT5(path)
+
+
+def runtime(label: str) -> str:
+    return "llama.cpp via llama-cpp-python" if label.startswith(GGUF) else "Python ONNX Runtime loop"
 
 
 def score(answers: list[tuple[list[str], str]], examples: list[Example], rules: grounding.Rules | None) -> list[dict]:
@@ -47,7 +66,7 @@ def echo_answers(examples: list[Example]) -> list[tuple[list[str], str]]:
     return [([ex.query], "ECHO") for ex in examples]
 
 
-def predict(model: OnnxT5, queries: list[str], guarded: bool = True) -> tuple[list[tuple[list[str], str]], float]:
+def predict(model: GreedyT5, queries: list[str], guarded: bool = True) -> tuple[list[tuple[list[str], str]], float]:
     """(subqueries, reason) per query as the server answers; unguarded: plain greedy and split."""
     started = time.perf_counter()
     if guarded:
@@ -59,7 +78,7 @@ def predict(model: OnnxT5, queries: list[str], guarded: bool = True) -> tuple[li
 
 def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, probe_size: int = 300,
              robustness: Path | None = DEFAULT_ROBUSTNESS) -> dict:
-    """model_dirs: label -> model directory; a label ending in ' unguarded' decodes plain greedy."""
+    """model_dirs: label -> model directory or .gguf file; a label ending in ' unguarded' decodes plain greedy."""
     splits = load_splits(corpus)
     sets = {"corpus test split": splits["test"]}
     if labelled and labelled.exists():
@@ -72,7 +91,7 @@ def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, p
     for set_name, examples in sets.items():
         report["tables"][f"echo baseline / {set_name}"] = score(echo_answers(examples), examples, first_rules)
     for label, model_dir in model_dirs.items():
-        model = OnnxT5(model_dir)
+        model = load_model(model_dir)
         guarded = not label.endswith(UNGUARDED)
         rules = model.rules
         for set_name, examples in sets.items():
@@ -89,8 +108,18 @@ def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, p
         a, b = "fp32", "int8"
         for set_name in sets:
             pa, pb = report["predictions"][f"{a} / {set_name}"], report["predictions"][f"{b} / {set_name}"]
-            report.setdefault("agreement", {})[set_name] = sum(x == y for x, y in zip(pa, pb)) / max(len(pa), 1)
+            report.setdefault("agreement", {})[set_name] = identical_share(pa, pb)
+    # Each GGUF model against the ONNX ones it was converted alongside: identical answers.
+    for label in (x for x in model_dirs if x.startswith(GGUF)):
+        for ref in (r for r in ("int8", "fp32") if r in model_dirs):
+            report.setdefault("identical", {})[f"{label} vs {ref}"] = {
+                set_name: identical_share(report["predictions"][f"{label} / {set_name}"],
+                                          report["predictions"][f"{ref} / {set_name}"]) for set_name in sets}
     return report
+
+
+def identical_share(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
 
 
 def markdown(report: dict) -> str:
@@ -109,8 +138,11 @@ def markdown(report: dict) -> str:
                      f"(in {u['rows']} held-out rows) reproduced exactly")
     for set_name, agree in report.get("agreement", {}).items():
         lines.append(f"- int8 vs fp32 identical greedy output on {set_name}: {agree:.1%}")
+    for pair, shares in report.get("identical", {}).items():
+        for set_name, share in shares.items():
+            lines.append(f"- {pair} identical answers on {set_name}: {share:.1%}")
     for name, ms in report["ms_per_query"].items():
-        lines.append(f"- {name}: {ms:.1f} ms/query (Python ONNX Runtime loop, 1 thread)")
+        lines.append(f"- {name}: {ms:.1f} ms/query ({runtime(name)}, 1 thread)")
     return "\n".join(lines)
 
 
@@ -123,11 +155,15 @@ def main(argv=None) -> None:
     p.add_argument("--robustness", type=Path, default=DEFAULT_ROBUSTNESS, help="the project's traffic-shaped set")
     p.add_argument("--json", type=Path, help="also write the full report (with predictions) here")
     p.add_argument("--unguarded", action="store_true", help="also evaluate plain greedy without grounding and guards")
+    p.add_argument("--gguf", type=Path, action="append", default=[],
+                   help="a GGUF file of the same checkpoint (qr_train.gguf), run by llama.cpp; repeatable")
     args = p.parse_args(argv)
     models = {"fp32": args.fp32} if args.fp32 else {}
     models["int8"] = args.model
     if args.unguarded:
         models["int8" + UNGUARDED] = args.model
+    for path in args.gguf:
+        models[GGUF + path.stem.removeprefix("model-")] = path
     report = evaluate(models, args.corpus, args.labelled, robustness=args.robustness)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

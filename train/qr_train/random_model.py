@@ -27,8 +27,14 @@ SHAPES = {
 
 
 def write_random_checkpoint(shape: str, out: Path, corpus: Path = DEFAULT_CORPUS, vocab_size: int = 2048,
-                            seed: int = 0, texts: list[str] | None = None) -> Path:
-    """A random checkpoint of the given shape; the tokenizer is trained on `texts` (default: corpus queries)."""
+                            seed: int = 0, texts: list[str] | None = None, model_vocab_size: int | None = None,
+                            **config) -> Path:
+    """A random checkpoint of the given shape; the tokenizer (vocab_size pieces) is trained on `texts`
+    (default: corpus queries).
+
+    model_vocab_size: a larger embedding than the tokenizer, as the flan-t5 shapes have. `config`
+    overrides T5Config fields of the shape (e.g. num_decoder_layers, feed_forward_proj="relu",
+    tie_word_embeddings=True for a T5 v1.0 layout)."""
     torch.manual_seed(seed)
     if texts is None:
         texts = [ex.query for ex in load_splits(corpus)["train"][:4000]]
@@ -36,12 +42,12 @@ def write_random_checkpoint(shape: str, out: Path, corpus: Path = DEFAULT_CORPUS
     params = dict(SHAPES[shape])
     # flan-t5's vocab (32128) is larger than our tokenizer's: the ids our tokenizer produces
     # are all valid rows of the bigger embedding, and the work per token is the real one.
-    params.setdefault("vocab_size", tok.get_vocab_size())
-    config = T5Config(
-        **params, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+    params.setdefault("vocab_size", model_vocab_size or tok.get_vocab_size())
+    settings = dict(
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
     )
-    model = T5ForConditionalGeneration(config).eval()
+    model = T5ForConditionalGeneration(T5Config(**{**params, **settings, **config})).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer(tok, out)
