@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
 
 use crate::metrics::is_word_char;
 use crate::subqueries::is_space;
@@ -63,7 +64,12 @@ pub fn query_words(query: &str) -> HashSet<Vec<u8>> {
             out.insert(fold(&capitalise(form)));
         }
     };
-    for raw in tokens(query) {
+    // The model reads the query through the tokenizer's NFKC normaliser, so it copies `km2` for
+    // `km²` and `fi` for the ligature `ﬁ`: both spellings are the query's words.
+    let normalised: String = query.nfkc().collect();
+    let both = [query, normalised.as_str()];
+    let texts = if normalised == query { &both[..1] } else { &both[..] };
+    for raw in texts.iter().flat_map(|text| tokens(text)) {
         let core = core(raw);
         // The token as written: the query returned as it is holds no ungrounded word.
         add(raw);

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,11 @@ def _depossess(core: str) -> str:
 def query_words(query: str) -> set[bytes]:
     """Folded forms of the query's words (docs/grounding.md, "Words")."""
     out: set[bytes] = set()
-    for raw in query.split():
+    # The model reads the query through the tokenizer's NFKC normaliser, so it copies `km2` for
+    # `km²` and `fi` for the ligature `ﬁ`: both spellings are the query's words.
+    normalised = unicodedata.normalize("NFKC", query)
+    texts = [query] if normalised == query else [query, normalised]
+    for raw in (token for text in texts for token in text.split()):
         core = _strip_edges(raw)
         forms = [raw, core, _depossess(core), raw.rstrip("?!,;:"), *_runs(core)]
         for form in forms:
