@@ -6,10 +6,7 @@
 //! `cargo run --release -p qserver --example kernels -- [shipped|flan-t5-small|flan-t5-base] [ROUNDS]`
 use std::time::Instant;
 
-use qserver::engine::native::{
-    kernels::{gemv_rows_with, Kernel, QuantMatrix, QuantVector},
-    weights::STREAM_ABOVE_BYTES,
-};
+use qserver::engine::native::kernels::{gemv_rows_with, streams, Kernel, QuantMatrix, QuantVector};
 
 /// (d_model, heads x d_kv, d_ff, decoder layers, vocab): the decoder of each shape, gated-GELU.
 fn shape(name: &str) -> (usize, usize, usize, usize, usize) {
@@ -51,7 +48,7 @@ fn main() {
     let mut mats: Vec<QuantMatrix> =
         dims.iter().enumerate().map(|(i, &(r, c))| random_matrix(r, c, i as u64 + 1)).collect();
     let bytes: usize = mats.iter().map(|m| m.data.len()).sum();
-    let streamed = bytes > STREAM_ABOVE_BYTES;
+    let streamed = streams(bytes);
     for m in &mut mats {
         m.streamed = streamed;
     }

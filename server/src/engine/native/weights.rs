@@ -77,7 +77,8 @@ pub struct Layer {
     pub ff_out: QuantMatrix,
 }
 
-/// Step weights above this size cannot stay in a last-level cache (8 MiB on the EPYC VM).
+/// Step weights above this size are streamed when the CPU's last-level cache size cannot be
+/// read (`kernels::streams`).
 pub const STREAM_ABOVE_BYTES: usize = 16 << 20;
 
 pub struct Weights {
@@ -212,11 +213,12 @@ impl Weights {
         self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.data.len()
     }
 
-    /// Step weights larger than the caches are read with non-temporal prefetches: flan-t5-small
-    /// (36.7 MiB) generates 5% faster on one thread, 9% on two. Ones that fit stay cached (the
-    /// shipped model's 3.4 MiB were 4-7% slower streamed). docs/performance.md has the runs.
+    /// Step weights larger than the last-level cache are read with non-temporal prefetches
+    /// (`kernels::streams`): flan-t5-small (36.7 MiB) generates 5% faster on one thread, 9% on
+    /// two, on the Zen 4 EPYC (32 MiB L3). Ones that fit stay cached (the shipped model's
+    /// 3.4 MiB were 4-7% slower streamed). docs/performance.md has the runs.
     fn mark_streamed(&mut self) {
-        let stream = self.step_bytes() > STREAM_ABOVE_BYTES;
+        let stream = super::kernels::streams(self.step_bytes());
         for l in &mut self.layers {
             for m in [&mut l.qkv, &mut l.self_out, &mut l.cross_q, &mut l.cross_out, &mut l.ff_in, &mut l.ff_out] {
                 m.streamed = stream;
