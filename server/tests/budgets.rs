@@ -19,6 +19,13 @@ fn reformulate(query: &str, max_new_tokens: u32) -> ReformulateRequest {
     ReformulateRequest { query: query.into(), options: Some(options), skip_cache: false }
 }
 
+/// A generation that runs for many seconds on one worker: 4096 tokens x 8 beams (the server
+/// needs `--max-new-tokens-limit 4096`).
+fn long_generation() -> ReformulateRequest {
+    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
+    ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false }
+}
+
 fn example(query: &str, expected: &[&str], echo_examples: bool) -> pb::EvaluateRequest {
     pb::EvaluateRequest {
         query: query.into(),
@@ -227,10 +234,7 @@ async fn calls_cut_by_the_end_of_the_grace_period_are_unavailable() {
     ])
     .await;
     let mut c = client(server.addr).await;
-    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
-    let call = tokio::spawn(async move {
-        c.reformulate(ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false }).await
-    });
+    let call = tokio::spawn(async move { c.reformulate(long_generation()).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = tokio::spawn(server.stop());
     let status = tokio::time::timeout(Duration::from_secs(20), call).await.unwrap().unwrap().unwrap_err();
@@ -265,9 +269,7 @@ async fn undecodable_and_abandoned_calls_are_answered_and_counted() {
     }
     // A client that gives up on a long generation (its future dropped).
     let mut c = client(server.addr).await;
-    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
-    let call = ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false };
-    assert!(tokio::time::timeout(Duration::from_millis(300), c.reformulate(call)).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(300), c.reformulate(long_generation())).await.is_err());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let body = common::http_get(metrics.parse().unwrap(), "/metrics").await;
     for line in [
@@ -312,11 +314,8 @@ async fn health_is_not_serving_while_a_worker_is_stuck() {
     ])
     .await;
     let mut c = client(server.addr).await;
-    // 4096 tokens x 8 beams: many seconds on one worker, far past the 1 s allowed here.
-    let long = GenerationOptions { ignore_eos: true, max_new_tokens: 4096, num_beams: 8, ..Default::default() };
-    let call = tokio::spawn(async move {
-        c.reformulate(ReformulateRequest { query: QUERY.into(), options: Some(long), skip_cache: false }).await
-    });
+    // Many seconds on one worker, far past the 1 s allowed here.
+    let call = tokio::spawn(async move { c.reformulate(long_generation()).await });
     let status = |addr| async move { common::health_status(addr, qreformulate::SERVICE_NAME).await };
     let deadline = Instant::now() + Duration::from_secs(5);
     while status(server.addr).await == ServingStatus::Serving {
