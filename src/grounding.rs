@@ -67,9 +67,8 @@ pub fn query_words(query: &str) -> HashSet<Vec<u8>> {
     // The model reads the query through the tokenizer's NFKC normaliser, so it copies `km2` for
     // `km²` and `fi` for the ligature `ﬁ`: both spellings are the query's words.
     let normalised: String = query.nfkc().collect();
-    let both = [query, normalised.as_str()];
-    let texts = if normalised == query { &both[..1] } else { &both[..] };
-    for raw in texts.iter().flat_map(|text| tokens(text)) {
+    let other = (normalised != query).then_some(normalised.as_str());
+    for raw in std::iter::once(query).chain(other).flat_map(tokens) {
         let core = core(raw);
         // The token as written: the query returned as it is holds no ungrounded word.
         add(raw);

@@ -69,11 +69,7 @@ async fn evaluate_stream(
     bar.set_prefix("answered ");
     let total = examples.len();
     let counter = bar.clone();
-    // Counted as the transport pulls each row off the stream.
-    let rows = tokio_stream::iter(requests(examples, options).into_iter().enumerate().map(move |(i, row)| {
-        counter.set_message(format!("{} sent", i + 1));
-        row
-    }));
+    let rows = requests(examples, options, move |n| counter.set_message(format!("{n} sent")));
     let mut answer = client.evaluate_stream(target.request(rows)).await.map_err(|s| ClientError::rpc(RPC, s))?;
     let mut rows = Vec::with_capacity(total);
     while let Some(message) = answer.get_mut().message().await.map_err(|s| ClientError::rpc(RPC, s))? {
@@ -107,21 +103,24 @@ async fn evaluate_unary(
     bar.set_message("");
     let total = examples.len() as u64;
     let counter = bar.clone();
-    // Counted as the transport pulls each row off the stream.
-    let rows = tokio_stream::iter(requests(examples, options).into_iter().inspect(move |_| {
+    let rows = requests(examples, options, move |n| {
         counter.inc(1);
-        if counter.position() == total {
+        if n == total {
             counter.set_message(format!("all sent; the server answers all {total} before it replies"));
         }
-    }));
+    });
     let result = client.evaluate(target.request(rows)).await;
     result.map(tonic::Response::into_inner).map_err(|status| ClientError::rpc("Evaluate", status))
 }
 
-/// The request messages: one per example, the options on the first only (they apply to the
-/// rest), labels not echoed back.
-fn requests(examples: &[LabelledExample], options: pb::GenerationOptions) -> Vec<pb::EvaluateRequest> {
-    examples
+/// The request stream: one message per example, the options on the first only (they apply to
+/// the rest), labels not echoed back. `sent(n)` runs as the transport pulls the n-th message.
+fn requests(
+    examples: &[LabelledExample],
+    options: pb::GenerationOptions,
+    mut sent: impl FnMut(u64) + Send + 'static,
+) -> impl tokio_stream::Stream<Item = pb::EvaluateRequest> + Send + 'static {
+    let messages: Vec<pb::EvaluateRequest> = examples
         .iter()
         .enumerate()
         .map(|(i, example)| pb::EvaluateRequest {
@@ -131,5 +130,9 @@ fn requests(examples: &[LabelledExample], options: pb::GenerationOptions) -> Vec
             options: (i == 0).then_some(options),
             echo_examples: false,
         })
-        .collect()
+        .collect();
+    tokio_stream::iter(messages.into_iter().zip(1..).map(move |(message, n)| {
+        sent(n);
+        message
+    }))
 }
