@@ -1,0 +1,86 @@
+"""Traffic-shaped training rows (qr_train/traffic.py), made from the shared corpus's training split."""
+import re
+
+import pytest
+
+from qr_train.corpus import load_splits
+from qr_train.entities import collect_names
+from qr_train.grounding import fold, query_words
+from qr_train.traffic import NOUNS, PRODUCTS, TASKS, THINGS, WHO, Facts, TrafficMaker, epoch_rows, lowercase_words
+
+
+@pytest.fixture(scope="module")
+def train(corpus_path):
+    return load_splits(corpus_path)["train"]
+
+
+@pytest.fixture(scope="module")
+def rows(train):
+    return epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=2, aug_rate=0.85, n=1500)
+
+
+def test_the_same_seed_and_epoch_give_the_same_rows(train, rows):
+    again = epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=2, aug_rate=0.85, n=1500)
+    assert again == rows
+    other = epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=3, aug_rate=0.85, n=1500)
+    assert other != rows
+
+
+def test_every_kind_is_made(rows):
+    assert {r.kind for r in rows} == set(TrafficMaker.KINDS)
+
+
+def test_unchanged_kinds_answer_with_the_query_words(rows):
+    for r in rows:
+        if r.kind in ("open", "keyword"):
+            assert len(r.subqueries) == 1
+            words = query_words(r.query)
+            assert all(fold(w) in words for w in r.subqueries[0].split()), r
+
+
+def test_long_rows_hold_a_question_whose_target_they_keep(rows, train):
+    queries_of = {}
+    for ex in train:
+        queries_of.setdefault(ex.subqueries, []).append(ex.query)
+    long_rows = [r for r in rows if r.kind == "long"]
+    assert long_rows
+    # Both sources are used: corpus questions (their target is a training target) and single-fact
+    # ones; an unswapped corpus question sits whole inside its context, which adds words.
+    from_corpus = [r for r in long_rows if r.subqueries in queries_of]
+    assert 0 < len(from_corpus) < len(long_rows)
+    for r in from_corpus:
+        inner = [q for q in queries_of[r.subqueries] if q in r.query]
+        assert inner and len(r.query) > len(inner[0]), r
+
+
+def _fixed_open_phrases() -> list[str]:
+    return TASKS + PRODUCTS + THINGS + WHO
+
+
+def test_open_rows_go_beyond_the_fixed_phrase_lists(rows, train):
+    """Half the open rows fill their slots from open pools: words outside the fixed lists, some
+    invented, some taken from the training questions."""
+    fixed_words = {w for p in _fixed_open_phrases() + NOUNS for w in p.lower().split()}
+    template_words = {"how", "to", "do", "i", "you", "can", "a", "the", "best", "for", "is", "it", "my", "what",
+                      "of", "way", "does", "why", "where", "buy", "vs", "much", "cost", "size", "need", "work",
+                      "step", "by", "should", "often", "long", "take", "myself", "safe", "happens", "if", "causes",
+                      "guide", "buying", "ideas", "under", "dollars", "compare", "prices", "which", "cheap",
+                      "reviews", "worth", "are", "benefits", "important", "easiest", "beginners", "good", "tips",
+                      "at", "home", "an", "i"}
+    pool = set(lowercase_words(train))
+    open_rows = [r for r in rows if r.kind == "open"]
+    novel = set()
+    for r in open_rows:
+        for w in re.findall(r"[a-z]+", r.query.lower()):
+            if w not in fixed_words and w not in template_words:
+                novel.add(w)
+    assert len(novel) > 40, sorted(novel)
+    assert novel & pool, "no word of the training questions filled a slot"
+    assert novel - pool, "no invented word filled a slot"
+
+
+def test_lowercase_words_are_lowercase_and_seen_twice():
+    from qr_train.corpus import Example
+    rows = [Example("What is the elevation of Mount Cook?", ("Mount Cook Elevation",)),
+            Example("Is the elevation of Ben Nevis higher?", ("Ben Nevis Elevation",))]
+    assert lowercase_words(rows) == ["elevation", "the"]
