@@ -18,10 +18,8 @@ use qreformulate::grounding::GROUNDING_FILE;
 use crate::auth::{AuthLayer, Tokens};
 use crate::decode_errors::DecodeErrors;
 use crate::engine::{
-    native::kernels,
-    onnx_t5::{self, OnnxT5, SessionSettings},
-    pool::{EngineFactory, EnginePool},
-    DecoderKind, Engine, GenerateRequest, GenerationParams, ModelDir, ModelError, SearchKind,
+    factory::Engines, native::kernels, onnx_t5::SessionSettings, pool::EnginePool, GenerateRequest, GenerationParams,
+    ModelDir, ModelError, SearchKind,
 };
 use crate::error::ServerError;
 use crate::health::Health;
@@ -123,34 +121,24 @@ pub async fn serve(
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = tokio::task::spawn_blocking(move || {
-                // One copy of the native decoder's weights for every worker.
-                let native = onnx_t5::load_native(&model, settings.decoder)?;
-                if native.is_some() {
-                    onnx_t5::check_onnx_decoder(&env, &model)?;
-                }
-                let decoder = if native.is_some() { DecoderKind::Native } else { DecoderKind::Onnx };
-                let streamed = native.as_ref().is_some_and(|n| n.streams_weights());
-                let kernel = kernels::kernel().name();
-                if native.is_some() {
-                    tracing::info!(
+                let engines = Engines::load(env, model, settings)?;
+                let decoder = engines.decoder();
+                match engines.kernel() {
+                    Some(kernel) => tracing::info!(
                         ?decoder,
-                        streamed_weights = streamed,
+                        streamed_weights = engines.streams_weights(),
                         kernel,
                         supported = %kernels::supported_names(),
                         "decoder steps run on {decoder:?} with the {kernel} int8 kernel"
-                    );
-                } else {
-                    tracing::info!(?decoder, "decoder steps run on {decoder:?}");
+                    ),
+                    None => tracing::info!(?decoder, "decoder steps run on {decoder:?}"),
                 }
                 build_info.metrics.set_build_info(
-                    &model.model_id,
+                    engines.model_id(),
                     &format!("{decoder:?}").to_lowercase(),
-                    native.is_some().then_some(kernel),
+                    engines.kernel(),
                 );
-                let factory: EngineFactory = Arc::new(move |_| {
-                    OnnxT5::load_with(&env, &model, &settings, native.clone())
-                        .map(|engine| Box::new(engine) as Box<dyn Engine>)
-                });
+                let factory = engines.factory();
                 EnginePool::start(workers, factory, warmup)
             })
             .await

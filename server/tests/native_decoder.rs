@@ -169,6 +169,6 @@ fn small_models_keep_their_weights_cached() {
     // The shipped decoder reads 3.4 MiB per step: it fits the last-level cache, where streaming
     // it (non-temporal prefetch, for flan-t5-small's 36.7 MiB) was measured slower.
     let dir = ModelDir::open(&common::model_dir()).unwrap();
-    let native = qserver::engine::onnx_t5::load_native(&dir, DecoderKind::Native).unwrap().unwrap();
+    let native = qserver::engine::native_steps::load_native(&dir, DecoderKind::Native).unwrap().unwrap();
     assert!(!native.streams_weights());
 }

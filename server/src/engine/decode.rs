@@ -1,9 +1,9 @@
 //! Search strategies over the decoder's logits: greedy, beam search, seeded sampling.
 //!
-//! The ONNX decode loop (in `onnx_t5`) runs the decoder for `rows()` sequences at once and
+//! The decode loop (`steps::run_search`) runs the decoder for `rows()` sequences at once and
 //! hands each step's last-position logits (`rows x vocab`) to a [`Search`]; the search picks
 //! the next tokens and, for beam search, which row's KV cache each new row continues.
-//! Nothing here knows about ONNX Runtime, so strategies are unit-tested on plain slices.
+//! Nothing here knows about any decoder backend, so strategies are unit-tested on plain slices.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

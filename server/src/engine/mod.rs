@@ -4,12 +4,17 @@
 
 pub mod cancel;
 pub mod decode;
+pub mod factory;
 pub mod grounding;
 pub mod logits;
 pub mod model_dir;
 pub mod native;
+pub mod native_steps;
+pub mod onnx_decoder;
+pub mod onnx_session;
 pub mod onnx_t5;
 pub mod pool;
+pub mod steps;
 
 use std::time::Duration;
 

@@ -1,0 +1,111 @@
+//! Opening ONNX Runtime sessions with the server's settings, and checking the input and output
+//! names a session declares: what the encoder (onnx_t5.rs) and the decoder sessions
+//! (onnx_decoder.rs) share.
+
+use std::path::{Path, PathBuf};
+
+use ort::{
+    environment::Environment,
+    session::{builder::GraphOptimizationLevel, Session},
+};
+
+use super::{
+    model_dir::{ModelDir, ModelError},
+    DecoderKind,
+};
+
+pub(super) const INPUT_IDS: &str = "input_ids";
+pub(super) const ATTENTION_MASK: &str = "attention_mask";
+pub(super) const ENCODER_MASK: &str = "encoder_attention_mask";
+pub(super) const ENCODER_STATES: &str = "encoder_hidden_states";
+pub(super) const LOGITS: &str = "logits";
+pub(super) const PAST_PREFIX: &str = "past_key_values.";
+pub(super) const PRESENT_PREFIX: &str = "present.";
+
+/// Session settings (from the server configuration).
+#[derive(Debug, Clone, Default)]
+pub struct SessionSettings {
+    pub intra_op_threads: usize,
+    /// Who runs the decoder steps: ONNX Runtime, or the native int8 decoder.
+    pub decoder: DecoderKind,
+    /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
+    /// experiments (see docs/performance.md and `examples/profile.rs`).
+    pub config_entries: Vec<(String, String)>,
+    /// ONNX Runtime's memory pattern optimisation (`None`: its default, on).
+    pub memory_pattern: Option<bool>,
+    /// The CPU memory arena (`None`: ONNX Runtime's default, on).
+    pub cpu_arena: Option<bool>,
+    /// Writes ONNX Runtime's per-node profile (JSON) for each session, named from this prefix.
+    pub profile_prefix: Option<PathBuf>,
+}
+
+impl SessionSettings {
+    pub fn new(intra_op_threads: usize) -> Self {
+        Self { intra_op_threads, ..Self::default() }
+    }
+}
+
+pub(super) fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Load { file: file.to_path_buf(), reason: e.to_string() }
+}
+
+pub(super) fn open_session(env: &Environment, path: &Path, settings: &SessionSettings) -> Result<Session, ModelError> {
+    let threads = settings.intra_op_threads.max(1);
+    let mut builder = Session::builder(env)
+        .map_err(|e| load_error(path, e))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| load_error(path, e))?
+        .with_intra_threads(threads)
+        .map_err(|e| load_error(path, e))?;
+    if threads > 1 {
+        // Spinning intra-op threads steal the CPU from the other workers (see STACK.md).
+        builder = builder.with_intra_op_spinning(false).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(enable) = settings.memory_pattern {
+        builder = builder.with_memory_pattern(enable).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(enable) = settings.cpu_arena {
+        builder = builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(enable).build()])
+            .map_err(|e| load_error(path, e))?;
+    }
+    for (key, value) in &settings.config_entries {
+        builder = builder.with_config_entry(key, value).map_err(|e| load_error(path, e))?;
+    }
+    if let Some(prefix) = &settings.profile_prefix {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("session");
+        let mut file = prefix.as_os_str().to_owned();
+        file.push(stem);
+        builder = builder.with_profiling(PathBuf::from(file)).map_err(|e| load_error(path, e))?;
+    }
+    builder.commit_from_file(path).map_err(|e| load_error(path, e))
+}
+
+pub(super) fn names(outlets: &[ort::value::Outlet]) -> Vec<String> {
+    outlets.iter().map(|o| o.name().to_owned()).collect()
+}
+
+pub(super) fn malformed(dir: &ModelDir, file: &str, reason: String) -> ModelError {
+    ModelError::Malformed { file: dir.file(file), reason }
+}
+
+pub(super) fn has(list: &[String], name: &str) -> bool {
+    list.iter().any(|n| n == name)
+}
+
+/// Any input we cannot feed is an error (cache inputs only where `allow_past`).
+pub(super) fn check_known(
+    dir: &ModelDir,
+    file: &str,
+    list: &[String],
+    known: &[&str],
+    allow_past: bool,
+) -> Result<(), ModelError> {
+    for n in list {
+        let is_cache_input = allow_past && n.starts_with(PAST_PREFIX);
+        if !known.contains(&n.as_str()) && !is_cache_input {
+            return Err(malformed(dir, file, format!("unexpected input `{n}`")));
+        }
+    }
+    Ok(())
+}
