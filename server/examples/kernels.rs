@@ -1,12 +1,16 @@
-//! Int8 GEMV kernel micro-benchmark (docs/performance.md): the matrix-vector products of one
-//! decoder step of a model shape (random int8 weights), with every kernel this CPU supports,
-//! interleaved round by round on one thread; prints the median step time per kernel, its ratio
-//! to the scalar reference and the weight bytes streamed per second.
+//! GEMV kernel micro-benchmark (docs/performance.md): the matrix-vector products of one
+//! decoder step of a model shape (random weights, int8 or 4-bit), with every kernel this CPU
+//! supports, interleaved round by round on one thread; prints the median step time per kernel,
+//! its ratio to the scalar reference and the weight bytes streamed per second.
 //!
-//! `cargo run --release -p qserver --example kernels -- [shipped|flan-t5-small|flan-t5-base] [ROUNDS]`
+//! `cargo run --release -p qserver --example kernels -- [shipped|flan-t5-small|flan-t5-base] [ROUNDS] [int8|q4]`
 use std::time::Instant;
 
-use qserver::engine::native::kernels::{gemv_rows_with, streams, Kernel, QuantMatrix, QuantVector};
+use clap::ValueEnum;
+use qserver::engine::native::{
+    kernels::{streams, Kernel, QuantVector, RowProduct},
+    matrix::{Matrix, WeightFormat},
+};
 
 /// (d_model, heads x d_kv, d_ff, decoder layers, vocab): the decoder of each shape, gated-GELU.
 fn shape(name: &str) -> (usize, usize, usize, usize, usize) {
@@ -18,15 +22,14 @@ fn shape(name: &str) -> (usize, usize, usize, usize, usize) {
     }
 }
 
-fn random_matrix(rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+fn random_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let w: Vec<f32> = (0..rows * cols)
+    (0..rows * cols)
         .map(|_| {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         })
-        .collect();
-    QuantMatrix::quantize(rows, cols, &w)
+        .collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -38,6 +41,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).map_or("flan-t5-small", String::as_str);
     let rounds: usize = args.get(2).map_or(30, |r| r.parse().expect("ROUNDS is a number"));
+    let format = args.get(3).map_or(WeightFormat::Int8, |f| WeightFormat::from_str(f, true).expect("int8 or q4"));
     let (d, inner, ff, layers, vocab) = shape(name);
     // One decoder step: per layer self q/k/v and out, cross q and out, gated FF in and out; the LM head.
     let mut dims = Vec::new();
@@ -45,26 +49,29 @@ fn main() {
         dims.extend([(3 * inner, d), (d, inner), (inner, d), (d, inner), (2 * ff, d), (d, ff)]);
     }
     dims.push((vocab, d));
-    let mut mats: Vec<QuantMatrix> =
-        dims.iter().enumerate().map(|(i, &(r, c))| random_matrix(r, c, i as u64 + 1)).collect();
-    let bytes: usize = mats.iter().map(|m| m.data.len()).sum();
+    let mut mats: Vec<Matrix> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, c))| Matrix::quantize(format, r, c, &random_weights(r, c, i as u64 + 1)))
+        .collect();
+    let bytes: usize = mats.iter().map(|m| m.bytes()).sum();
     let streamed = streams(bytes);
     for m in &mut mats {
-        m.streamed = streamed;
+        m.set_streamed(streamed);
     }
     let inputs: Vec<QuantVector> = mats
         .iter()
         .map(|m| {
             let mut x = QuantVector::default();
-            x.set(&random_matrix(1, m.cols, 7).data.iter().map(|&q| f32::from(q)).collect::<Vec<_>>());
+            x.set(&random_weights(1, m.cols(), 7));
             x
         })
         .collect();
-    let mut outputs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows]).collect();
+    let mut outputs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows()]).collect();
     let kernels: Vec<Kernel> = Kernel::ALL.into_iter().filter(|k| k.supported()).collect();
     let skipped: Vec<&str> = Kernel::ALL.into_iter().filter(|k| !k.supported()).map(Kernel::name).collect();
     println!(
-        "{name}: {} GEMVs per step, {:.1} MiB of int8 weights{}, {rounds} rounds, kernels {:?}, skipped (unsupported) {skipped:?}",
+        "{name}: {} GEMVs per step, {:.1} MiB of {format:?} weights{}, {rounds} rounds, kernels {:?}, skipped (unsupported) {skipped:?}",
         mats.len(),
         bytes as f64 / (1 << 20) as f64,
         if streamed { " (streamed)" } else { "" },
@@ -79,7 +86,7 @@ fn main() {
         for &k in &order {
             let started = Instant::now();
             for ((m, x), y) in mats.iter().zip(&inputs).zip(outputs.iter_mut()) {
-                gemv_rows_with(kernels[k], m, 0, x, y);
+                m.product_rows_with(kernels[k], 0, x, y);
             }
             let ms = started.elapsed().as_secs_f64() * 1e3;
             if round >= 2 {

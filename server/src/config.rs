@@ -9,7 +9,10 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 
-use crate::engine::{native::kernels::Kernel, DecoderKind};
+use crate::engine::{
+    native::{kernels::Kernel, WeightFormat},
+    DecoderKind,
+};
 
 /// The model shipped with the repository.
 pub const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/qreformulate-t5");
@@ -137,6 +140,12 @@ pub struct Config {
     /// compare kernels side by side; a kernel the CPU cannot run is refused at start-up.
     #[arg(long, env = "QSERVER_NATIVE_KERNEL", value_enum)]
     pub native_kernel: Option<Kernel>,
+
+    /// How the native decoder stores its step weights: `int8` (one scale per row), or `q4`
+    /// (4-bit blocks of 32: half the bytes read per step, faster on large models; answers differ
+    /// slightly, measured in docs/performance.md). Matrices whose shape q4 cannot hold stay int8.
+    #[arg(long, env = "QSERVER_NATIVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Int8)]
+    pub native_weights: WeightFormat,
 
     /// Threads per generation: ONNX Runtime intra-op threads per session (spinning is turned
     /// off above 1) and the native decoder's threads per worker.
@@ -279,6 +288,7 @@ mod tests {
         assert_eq!(c.intra_op_threads.get(), 1);
         assert_eq!(c.decoder, DecoderKind::Auto);
         assert_eq!(c.native_kernel, None);
+        assert_eq!(c.native_weights, WeightFormat::Int8);
         assert_eq!(c.max_concurrent_requests.get(), 64);
         assert_eq!(c.max_query_chars.get(), 2000);
         assert_eq!(c.max_input_tokens.get(), 256);
@@ -308,6 +318,9 @@ mod tests {
         let c = Config::try_parse_from(["qserver", "--native-kernel", "avx512-vnni"]).unwrap();
         assert_eq!(c.native_kernel, Some(Kernel::Avx512Vnni));
         assert!(Config::try_parse_from(["qserver", "--native-kernel", "neon"]).is_err());
+        let c = Config::try_parse_from(["qserver", "--native-weights", "q4"]).unwrap();
+        assert_eq!(c.native_weights, WeightFormat::Q4);
+        assert!(Config::try_parse_from(["qserver", "--native-weights", "q2"]).is_err());
         assert!(Config::try_parse_from(["qserver", "--max-input-tokens", "0"]).is_err());
     }
 

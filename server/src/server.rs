@@ -114,8 +114,11 @@ pub async fn serve(
         let shared = Arc::clone(&shared);
         let health = health.clone();
         let load_error = Arc::clone(&load_error);
-        let settings =
-            SessionSettings { decoder: config.decoder, ..SessionSettings::new(config.intra_op_threads.get()) };
+        let settings = SessionSettings {
+            decoder: config.decoder,
+            native_weights: config.native_weights,
+            ..SessionSettings::new(config.intra_op_threads.get())
+        };
         let warmup = warmup_request(&config);
         let build_info = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -124,13 +127,18 @@ pub async fn serve(
                 let engines = Engines::load(env, model, settings)?;
                 let decoder = engines.decoder();
                 match engines.kernel() {
-                    Some(kernel) => tracing::info!(
-                        ?decoder,
-                        streamed_weights = engines.streams_weights(),
-                        kernel,
-                        supported = %kernels::supported_names(),
-                        "decoder steps run on {decoder:?} with the {kernel} int8 kernel"
-                    ),
+                    Some(kernel) => {
+                        let (weights, step_bytes) = engines.weights().unwrap_or_default();
+                        tracing::info!(
+                            ?decoder,
+                            streamed_weights = engines.streams_weights(),
+                            kernel,
+                            ?weights,
+                            step_mib = format!("{:.1}", step_bytes as f64 / (1 << 20) as f64),
+                            supported = %kernels::supported_names(),
+                            "decoder steps run on {decoder:?} with the {kernel} kernel on {weights:?} weights"
+                        )
+                    }
                     None => tracing::info!(?decoder, "decoder steps run on {decoder:?}"),
                 }
                 build_info.metrics.set_build_info(

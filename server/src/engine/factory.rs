@@ -8,7 +8,7 @@ use ort::environment::Environment;
 
 use super::{
     model_dir::{ModelDir, ModelError},
-    native::{kernels, NativeDecoder},
+    native::{kernels, NativeDecoder, WeightFormat},
     native_steps::load_native,
     onnx_decoder::check_onnx_decoder,
     onnx_t5::{OnnxT5, SessionSettings},
@@ -30,7 +30,7 @@ impl Engines {
     /// decoder the ONNX decoder files answer nothing, but a damaged one should stop start-up
     /// now, not on the day someone runs `--decoder onnx`.
     pub fn load(env: Environment, model: ModelDir, settings: SessionSettings) -> Result<Self, ModelError> {
-        let native = load_native(&model, settings.decoder)?;
+        let native = load_native(&model, settings.decoder, settings.native_weights)?;
         if native.is_some() {
             check_onnx_decoder(&env, &model)?;
         }
@@ -49,6 +49,11 @@ impl Engines {
     /// The native decoder's int8 kernel, when it runs the steps.
     pub fn kernel(&self) -> Option<&'static str> {
         self.native.as_ref().map(|_| kernels::kernel().name())
+    }
+
+    /// The native decoder's step weights: their format and the bytes one step reads.
+    pub fn weights(&self) -> Option<(WeightFormat, usize)> {
+        self.native.as_ref().map(|n| (n.weight_format(), n.step_bytes()))
     }
 
     /// Whether the native decoder streams its weights past the cache (larger than the LLC).

@@ -7,14 +7,18 @@ use ort::value::DynValue;
 
 use super::{
     model_dir::{self, ModelDir, ModelError},
-    native::{CrossCache, DecoderShape, NativeDecoder, RowCache, Scratch},
+    native::{CrossCache, DecoderShape, NativeDecoder, RowCache, Scratch, WeightFormat},
     steps::{DecoderBackend, DecoderSteps},
     DecoderKind, EngineError,
 };
 
-/// The native decoder for `kind`, if it applies to this model directory: loaded once and
-/// shared by every worker (its weights are read-only).
-pub fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<Arc<NativeDecoder>>, ModelError> {
+/// The native decoder for `kind`, if it applies to this model directory, its step weights in
+/// `format`: loaded once and shared by every worker (its weights are read-only).
+pub fn load_native(
+    dir: &ModelDir,
+    kind: DecoderKind,
+    format: WeightFormat,
+) -> Result<Option<Arc<NativeDecoder>>, ModelError> {
     let checkpoint = match (kind, &dir.checkpoint) {
         (DecoderKind::Onnx, _) | (DecoderKind::Auto, None) => return Ok(None),
         (_, Some(file)) => file,
@@ -24,7 +28,7 @@ pub fn load_native(dir: &ModelDir, kind: DecoderKind) -> Result<Option<Arc<Nativ
     };
     let shape = DecoderShape::from_config(&dir.config, &dir.config_json)
         .map_err(|reason| ModelError::Malformed { file: dir.file(model_dir::CONFIG_FILE), reason })?;
-    NativeDecoder::load(checkpoint, shape).map(|d| Some(Arc::new(d)))
+    NativeDecoder::load(checkpoint, shape, format).map(|d| Some(Arc::new(d)))
 }
 
 /// One worker's handle on the shared native decoder.

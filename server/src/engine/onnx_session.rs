@@ -11,6 +11,7 @@ use ort::{
 
 use super::{
     model_dir::{ModelDir, ModelError},
+    native::WeightFormat,
     DecoderKind,
 };
 
@@ -28,6 +29,8 @@ pub struct SessionSettings {
     pub intra_op_threads: usize,
     /// Who runs the decoder steps: ONNX Runtime, or the native int8 decoder.
     pub decoder: DecoderKind,
+    /// How the native decoder stores its step weights (`--native-weights`).
+    pub native_weights: WeightFormat,
     /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
     /// experiments (see docs/performance.md and `examples/profile.rs`).
     pub config_entries: Vec<(String, String)>,

@@ -70,7 +70,7 @@ impl OnnxT5 {
     /// Loads tokenizer and sessions from a checked model directory; the decoder as
     /// `settings.decoder` says (see [`load_native`]).
     pub fn load(env: &Environment, dir: &ModelDir, settings: &SessionSettings) -> Result<Self, ModelError> {
-        Self::load_with(env, dir, settings, load_native(dir, settings.decoder)?)
+        Self::load_with(env, dir, settings, load_native(dir, settings.decoder, settings.native_weights)?)
     }
 
     /// Like [`OnnxT5::load`], with the native decoder given (loaded once and shared by every

@@ -104,21 +104,47 @@ impl QuantVector {
 /// Matrices smaller than this are not split across threads: the hand-off would cost more.
 const PARALLEL_MIN_BYTES: usize = 64 * 1024;
 
+/// A weight matrix [`gemv`] can split by rows: the int8 [`QuantMatrix`] here, the 4-bit
+/// [`super::q4::Q4Matrix`], or either behind [`super::matrix::Matrix`].
+pub trait RowProduct: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Bytes read by one product (what decides whether splitting it pays).
+    fn bytes(&self) -> usize;
+    /// Rows `first..first + y.len()` of `W x`, on this thread, with the process's kernel.
+    fn product_rows(&self, first: usize, x: &QuantVector, y: &mut [f32]);
+}
+
+impl RowProduct for QuantMatrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn product_rows(&self, first: usize, x: &QuantVector, y: &mut [f32]) {
+        gemv_rows(self, first, x, y)
+    }
+}
+
 /// `y = W x` for a quantized `W` (rows x cols) and `x` (cols). Called inside a rayon pool of
 /// more than one thread, the rows are split across its threads (two cores read memory faster
 /// than one); anywhere else it runs on the calling thread alone.
-pub fn gemv(w: &QuantMatrix, x: &QuantVector, y: &mut [f32]) {
-    assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
-    assert_eq!(y.len(), w.rows, "output length does not match the matrix");
+pub fn gemv<M: RowProduct + ?Sized>(w: &M, x: &QuantVector, y: &mut [f32]) {
+    assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
+    assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
     let threads = pool_threads();
-    if threads < 2 || w.data.len() < PARALLEL_MIN_BYTES {
-        gemv_rows(w, 0, x, y);
+    if threads < 2 || w.bytes() < PARALLEL_MIN_BYTES {
+        w.product_rows(0, x, y);
         return;
     }
     // Multiples of 4 rows, so each part keeps the 4-row kernel.
-    let part = w.rows.div_ceil(threads).next_multiple_of(4);
+    let part = w.rows().div_ceil(threads).next_multiple_of(4);
     use rayon::prelude::*;
-    y.par_chunks_mut(part).enumerate().for_each(|(i, ys)| gemv_rows(w, i * part, x, ys));
+    y.par_chunks_mut(part).enumerate().for_each(|(i, ys)| w.product_rows(i * part, x, ys));
 }
 
 /// Whether a decoder step's weights (`step_bytes`) are streamed: prefetched non-temporally
@@ -185,7 +211,12 @@ impl Kernel {
     pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            let bw = || std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw");
+            // VL too: the 4-bit kernels use 128-bit masked loads (every AVX-512BW CPU has it).
+            let bw = || {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+            };
             match self {
                 Kernel::Avx512Vnni => bw() && std::is_x86_feature_detected!("avx512vnni"),
                 Kernel::Avx512Bw => bw(),

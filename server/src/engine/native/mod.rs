@@ -11,11 +11,14 @@
 //! dynamic quantization uses one activation scale per tensor). Everything else is fp32.
 
 pub mod kernels;
+pub mod matrix;
+pub mod q4;
 pub mod weights;
 
 use std::path::Path;
 
-use kernels::{dot, gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector};
+use kernels::{dot, gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector, RowProduct};
+pub use matrix::WeightFormat;
 pub use weights::DecoderShape;
 use weights::{Layer, Weights};
 
@@ -68,8 +71,8 @@ pub fn causal_bucket(distance: usize, num_buckets: usize, max_distance: usize) -
 }
 
 impl NativeDecoder {
-    pub fn load(checkpoint: &Path, shape: DecoderShape) -> Result<Self, ModelError> {
-        Ok(Self { w: Weights::load(checkpoint, shape)? })
+    pub fn load(checkpoint: &Path, shape: DecoderShape, format: WeightFormat) -> Result<Self, ModelError> {
+        Ok(Self { w: Weights::load(checkpoint, shape, format)? })
     }
 
     pub fn shape(&self) -> &DecoderShape {
@@ -78,7 +81,17 @@ impl NativeDecoder {
 
     /// Whether each step's weights are read as a stream (too large to stay cached).
     pub fn streams_weights(&self) -> bool {
-        self.w.lm_head.streamed
+        self.w.streamed
+    }
+
+    /// How the step weights are stored (`--native-weights`).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.w.format
+    }
+
+    /// Bytes of weights one decoder step reads.
+    pub fn step_bytes(&self) -> usize {
+        self.w.step_bytes()
     }
 
     /// Cross-attention K/V of every layer for one encoder output, `[src_len][d_model]` row-major.
@@ -184,7 +197,7 @@ impl NativeDecoder {
         let s = &self.w.shape;
         rms_norm(&sc.hidden, &layer.ff_norm, s.eps, &mut sc.normed);
         sc.qv.set(&sc.normed);
-        sc.ff.resize(layer.ff_in.rows, 0.0);
+        sc.ff.resize(layer.ff_in.rows(), 0.0);
         gemv(&layer.ff_in, &sc.qv, &mut sc.ff);
         let act = if s.gated_gelu {
             let (gate, linear) = sc.ff.split_at_mut(s.d_ff);
@@ -203,7 +216,7 @@ impl NativeDecoder {
     }
 
     /// `hidden += out_proj(ctx)`.
-    fn project_back(&self, out: &kernels::QuantMatrix, sc: &mut Scratch) {
+    fn project_back(&self, out: &matrix::Matrix, sc: &mut Scratch) {
         sc.qv.set(&sc.ctx);
         sc.proj.resize(self.w.shape.d_model, 0.0);
         gemv(out, &sc.qv, &mut sc.proj);

@@ -6,7 +6,8 @@ use std::path::Path;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::kernels::QuantMatrix;
+use super::kernels::{QuantMatrix, RowProduct};
+use super::matrix::{Matrix, WeightFormat};
 use crate::engine::model_dir::{ModelError, T5Config};
 
 /// Decoder hyper-parameters beyond [`T5Config`], from `config.json` with T5's defaults.
@@ -64,17 +65,17 @@ impl DecoderShape {
 pub struct Layer {
     pub self_norm: Vec<f32>,
     /// q, k and v stacked: (3 * inner) x d_model.
-    pub qkv: QuantMatrix,
-    pub self_out: QuantMatrix,
+    pub qkv: Matrix,
+    pub self_out: Matrix,
     pub cross_norm: Vec<f32>,
-    pub cross_q: QuantMatrix,
+    pub cross_q: Matrix,
     /// Cross-attention k and v stacked: (2 * inner) x d_model, applied to the encoder output once.
     pub cross_kv: QuantMatrix,
-    pub cross_out: QuantMatrix,
+    pub cross_out: Matrix,
     pub ff_norm: Vec<f32>,
     /// Gated: wi_0 and wi_1 stacked, (2 * d_ff) x d_model; relu: wi, d_ff x d_model.
-    pub ff_in: QuantMatrix,
-    pub ff_out: QuantMatrix,
+    pub ff_in: Matrix,
+    pub ff_out: Matrix,
 }
 
 /// Step weights above this size are streamed when the CPU's last-level cache size cannot be
@@ -89,7 +90,10 @@ pub struct Weights {
     pub position_bias: Vec<f32>,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
-    pub lm_head: QuantMatrix,
+    pub lm_head: Matrix,
+    pub format: WeightFormat,
+    /// The step weights are read with non-temporal prefetches ([`Weights::mark_streamed`]).
+    pub streamed: bool,
 }
 
 struct Checkpoint<'a> {
@@ -125,13 +129,18 @@ impl Checkpoint<'_> {
         self.get(name, shape)
     }
 
-    /// Row-stacked, quantized `[rows_i, cols]` matrices.
-    fn stacked(&self, names: &[String], rows: usize, cols: usize) -> Result<QuantMatrix, ModelError> {
+    /// Row-stacked `[rows_i, cols]` matrices, fp32.
+    fn stacked_f32(&self, names: &[String], rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
         let mut all = Vec::with_capacity(names.len() * rows * cols);
         for name in names {
             all.extend(self.get(name, &[rows, cols])?);
         }
-        Ok(QuantMatrix::quantize(names.len() * rows, cols, &all))
+        Ok(all)
+    }
+
+    /// Row-stacked step weights, quantized to `format`.
+    fn stacked(&self, names: &[String], rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix, ModelError> {
+        Ok(Matrix::quantize(format, names.len() * rows, cols, &self.stacked_f32(names, rows, cols)?))
     }
 }
 
@@ -147,7 +156,7 @@ fn to_f32(view: &TensorView<'_>) -> Result<Vec<f32>, String> {
 }
 
 impl Weights {
-    pub fn load(file: &Path, shape: DecoderShape) -> Result<Self, ModelError> {
+    pub fn load(file: &Path, shape: DecoderShape, format: WeightFormat) -> Result<Self, ModelError> {
         let bytes =
             std::fs::read(file).map_err(|e| ModelError::Load { file: file.to_path_buf(), reason: e.to_string() })?;
         let tensors = SafeTensors::deserialize(&bytes)
@@ -162,28 +171,33 @@ impl Weights {
                 parts.iter().map(|n| format!("{p}.{prefix}.{n}.weight")).collect()
             };
             let ff_in = if shape.gated_gelu {
-                ck.stacked(&names("2.DenseReluDense", &["wi_0", "wi_1"]), ff, d)?
+                ck.stacked(&names("2.DenseReluDense", &["wi_0", "wi_1"]), ff, d, format)?
             } else {
-                ck.stacked(&names("2.DenseReluDense", &["wi"]), ff, d)?
+                ck.stacked(&names("2.DenseReluDense", &["wi"]), ff, d, format)?
             };
             layers.push(Layer {
                 self_norm: ck.get(&format!("{p}.0.layer_norm.weight"), &[d])?,
-                qkv: ck.stacked(&names("0.SelfAttention", &["q", "k", "v"]), inner, d)?,
-                self_out: ck.stacked(&names("0.SelfAttention", &["o"]), d, inner)?,
+                qkv: ck.stacked(&names("0.SelfAttention", &["q", "k", "v"]), inner, d, format)?,
+                self_out: ck.stacked(&names("0.SelfAttention", &["o"]), d, inner, format)?,
                 cross_norm: ck.get(&format!("{p}.1.layer_norm.weight"), &[d])?,
-                cross_q: ck.stacked(&names("1.EncDecAttention", &["q"]), inner, d)?,
-                cross_kv: ck.stacked(&names("1.EncDecAttention", &["k", "v"]), inner, d)?,
-                cross_out: ck.stacked(&names("1.EncDecAttention", &["o"]), d, inner)?,
+                cross_q: ck.stacked(&names("1.EncDecAttention", &["q"]), inner, d, format)?,
+                // Applied once per request (not per step): int8 in every format.
+                cross_kv: QuantMatrix::quantize(
+                    2 * inner,
+                    d,
+                    &ck.stacked_f32(&names("1.EncDecAttention", &["k", "v"]), inner, d)?,
+                ),
+                cross_out: ck.stacked(&names("1.EncDecAttention", &["o"]), d, inner, format)?,
                 ff_norm: ck.get(&format!("{p}.2.layer_norm.weight"), &[d])?,
                 ff_in,
-                ff_out: ck.stacked(&names("2.DenseReluDense", &["wo"]), d, ff)?,
+                ff_out: ck.stacked(&names("2.DenseReluDense", &["wo"]), d, ff, format)?,
             });
         }
         let embed = ck.first_of(&["decoder.embed_tokens.weight", "shared.weight"], &[shape.vocab, d])?;
         let lm_head = if shape.tied {
-            QuantMatrix::quantize(shape.vocab, d, &embed)
+            Matrix::quantize(format, shape.vocab, d, &embed)
         } else {
-            ck.stacked(&["lm_head.weight".to_owned()], shape.vocab, d)?
+            ck.stacked(&["lm_head.weight".to_owned()], shape.vocab, d, format)?
         };
         let mut w = Self {
             position_bias: ck.get(
@@ -195,6 +209,8 @@ impl Weights {
             layers,
             lm_head,
             shape,
+            format,
+            streamed: false,
         };
         w.mark_streamed();
         Ok(w)
@@ -203,14 +219,14 @@ impl Weights {
     /// Bytes a decoder step reads: every matrix but the cross-attention K/V, plus the LM head.
     pub fn step_bytes(&self) -> usize {
         let per_layer = |l: &Layer| {
-            l.qkv.data.len()
-                + l.self_out.data.len()
-                + l.cross_q.data.len()
-                + l.cross_out.data.len()
-                + l.ff_in.data.len()
-                + l.ff_out.data.len()
+            l.qkv.bytes()
+                + l.self_out.bytes()
+                + l.cross_q.bytes()
+                + l.cross_out.bytes()
+                + l.ff_in.bytes()
+                + l.ff_out.bytes()
         };
-        self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.data.len()
+        self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
     }
 
     /// Step weights larger than the last-level cache are read with non-temporal prefetches
@@ -219,11 +235,12 @@ impl Weights {
     /// 3.4 MiB were 4-7% slower streamed). docs/performance.md has the runs.
     fn mark_streamed(&mut self) {
         let stream = super::kernels::streams(self.step_bytes());
+        self.streamed = stream;
         for l in &mut self.layers {
             for m in [&mut l.qkv, &mut l.self_out, &mut l.cross_q, &mut l.cross_out, &mut l.ff_in, &mut l.ff_out] {
-                m.streamed = stream;
+                m.set_streamed(stream);
             }
         }
-        self.lm_head.streamed = stream;
+        self.lm_head.set_streamed(stream);
     }
 }
