@@ -542,21 +542,12 @@ pub fn gelu_new(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh)
 }
 
+/// Inputs and kernel lists for the kernel tests here and in q4.rs.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::Kernel;
 
-    #[test]
-    fn cache_sizes_parse_as_sysfs_writes_them() {
-        assert_eq!(parse_cache_size("48K"), Some(48 << 10));
-        assert_eq!(parse_cache_size("266240K"), Some(266_240 << 10));
-        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
-        assert_eq!(parse_cache_size("1024"), Some(1024));
-        assert_eq!(parse_cache_size("K"), None);
-        assert_eq!(parse_cache_size("12X"), None);
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
@@ -567,12 +558,28 @@ mod tests {
     }
 
     /// Every kernel this CPU runs; the ones it cannot are named on stderr as skipped.
-    fn supported_kernels() -> Vec<Kernel> {
+    pub fn supported_kernels() -> Vec<Kernel> {
         let (run, skip): (Vec<Kernel>, Vec<Kernel>) = Kernel::ALL.into_iter().partition(|k| k.supported());
         for k in &skip {
             eprintln!("skipped: the {} kernel does not run on this CPU", k.name());
         }
         run
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{pseudo_random, supported_kernels};
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("48K"), Some(48 << 10));
+        assert_eq!(parse_cache_size("266240K"), Some(266_240 << 10));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1024"), Some(1024));
+        assert_eq!(parse_cache_size("K"), None);
+        assert_eq!(parse_cache_size("12X"), None);
     }
 
     #[test]

@@ -283,24 +283,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn supported_kernels() -> Vec<Kernel> {
-        let (run, skip): (Vec<Kernel>, Vec<Kernel>) = Kernel::ALL.into_iter().partition(|k| k.supported());
-        for k in &skip {
-            eprintln!("skipped: the {} kernel does not run on this CPU", k.name());
-        }
-        run
-    }
+    use crate::engine::native::kernels::testing::{pseudo_random, supported_kernels};
 
     #[test]
     fn every_kernel_gives_the_scalar_results_bit_for_bit() {
