@@ -41,7 +41,7 @@ import report  # noqa: E402
 from server import QServer, ServerError, install_sigterm_handler, version  # noqa: E402
 
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
-ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "pytorch", "optimum-fp32", "optimum-int8", "ct2",
+ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "ours-grpc-q4", "pytorch", "optimum-fp32", "optimum-int8", "ct2",
                "llamacpp-q8_0", "llamacpp-q4_0", "loop")
 DONE = ".complete"
 GROUNDING_FILE = "grounding.json"  # qr_train.grounding.FILE_NAME: read by qserver, not by the peers
@@ -239,11 +239,12 @@ def check_fixed(section: Section, name: str, stats: dict) -> None:
 
 
 def measure_ours(section: Section, args, model_dir: Path, queries: list[str], query_file: Path, work: Path,
-                 wanted: set[str], constrained: bool = False, onnx_decoder: bool = False) -> None:
+                 wanted: set[str], constrained: bool = False, onnx_decoder: bool = False, q4: bool = False) -> None:
     """qserver (1 worker, 1 thread, no cache) on model_dir: over gRPC and through the Benchmark RPC.
 
     constrained=True is the model directory as shipped, grounding.json included: one extra gRPC row.
     onnx_decoder=True runs the decoder steps on ONNX Runtime instead of the native decoder: one gRPC row.
+    q4=True runs the native decoder on 4-bit weights (`--native-weights q4`): one gRPC row.
     """
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
     if section.fixed:
@@ -256,6 +257,13 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
         runs = [("ours-grpc-onnx", "qserver (gRPC, ONNX Runtime decoder)", ["--concurrency", "1"],
                  f"{detail_cmd} `--decoder onnx`: every decoder step on ONNX Runtime (decoder_model.onnx, "
                  f"decoder_with_past_model.onnx) instead of the native int8 decoder; "
+                 f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
+        runs = [r for r in runs if r[0] in wanted]
+    elif q4:
+        server_args += ["--native-weights", "q4"]
+        runs = [("ours-grpc-q4", "qserver (gRPC, 4-bit native weights)", ["--concurrency", "1"],
+                 f"{detail_cmd} `--native-weights q4`: the native decoder's step weights in 4-bit blocks "
+                 f"(answers differ slightly from int8, docs/performance.md); "
                  f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
         runs = [r for r in runs if r[0] in wanted]
     elif constrained:
@@ -274,7 +282,8 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
         runs = [r for r in runs if r[0] in wanted]
     if not runs:
         return
-    tag = section.data["key"] + ("-constraint" if constrained else "") + ("-onnx" if onnx_decoder else "")
+    tag = (section.data["key"] + ("-constraint" if constrained else "") + ("-onnx" if onnx_decoder else "")
+           + ("-q4" if q4 else ""))
     try:
         with QServer(args.qserver, args.qclient, model_dir, server_args,
                      work / "logs" / f"qserver-{tag}.log", args.health_timeout) as server:
@@ -348,6 +357,7 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
         measure_ours(section, args, files["int8"], queries, query_file, work, wanted, constrained=True)
     measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted,
                  onnx_decoder=True)
+    measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted, q4=True)
     peers = [
         ("pytorch", "PyTorch generate (fp32)", "checkpoint",
          lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed, t)),
