@@ -401,7 +401,8 @@ class GroundingState:
 # ---------------------------------------------------------------------------------------------
 
 def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
-    """The training split plus one epoch of traffic rows (the model learns from both), and validation."""
+    """The training split plus one epoch of traffic rows but the open ones (the model learns from
+    both), and validation."""
     from .entities import collect_names
     from .traffic import Facts, epoch_rows
 
@@ -409,7 +410,9 @@ def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
     train = splits["train"]
     traffic = epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=1, aug_rate=0.0,
                          n=len(train) // 2)
-    return train + traffic, splits["validation"]
+    # Open rows echo their query, whose slots hold filler and invented words (traffic.py): nothing
+    # generative, and no names worth correcting a typo towards.
+    return train + [r for r in traffic if r.kind != "open"], splits["validation"]
 
 
 def learn(train: list[Example], min_targets: int = 1) -> dict:

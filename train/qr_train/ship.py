@@ -79,7 +79,10 @@ def main(argv=None) -> None:
     report["training"]["epochs"] = curve["epochs"]
     report["commit"] = git_commit()
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
-    plot.plot(args.run / "curve.json", REPO_ROOT / "docs" / "training-curve.png")
+    if len(curve["epochs"]) >= 2:
+        plot.plot(args.run / "curve.json", REPO_ROOT / "docs" / "training-curve.png")
+    else:  # a run evaluated only at its end (a CPU fine-tune): no curve to draw; keep the last one
+        print("one evaluation point: docs/training-curve.png left as it is")
     (args.out / "MODEL_CARD.md").write_text(model_card(args.out, report, args.skip_train))
     print(evaluate.markdown(report))
 
@@ -111,9 +114,11 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
                  + ("  on the device with `SWEEP=traffic train/scripts/device_sweep.sh` (fp16 copies brought back),\n  "
                     if on_gpu else "  ")
                  + (f"weights averaged over the runs {', '.join(f'`{Path(r).name}`' for r in t['averaged_from'])} "
-                    "(`python -m qr_train.average`; the settings above are the first run's),\n  "
+                    "(`python -m qr_train.average`, a run named twice weighing twice; the settings above are the first run's),\n  "
                     if t.get("averaged_from") else "")
                  + "then `python -m qr_train.ship --skip-train --run RUN`." if a.get("init") else "")
+    curve_note = ("Curve: `docs/training-curve.png`." if len(t["epochs"]) >= 2 else
+                  "This run was evaluated once, at its end (no curve); `docs/training-curve.png` is an earlier run's.")
     shape = (f"T5 (v1.1 style: gated-GELU, untied lm_head), d_model {a['d_model']}, {a['encoder_layers']} encoder + "
              f"{a['decoder_layers']} decoder layers, {a['num_heads']} heads x d_kv {a['d_kv']}, d_ff {a['d_ff']}, "
              f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}")
@@ -145,7 +150,7 @@ to rewrite a question into search-engine subqueries joined by ` | `. Generated b
   each epoch; traffic-shaped rows (`qr_train.traffic`) at {a.get('traffic_rate', 0)} x the training rows per epoch. {last['step']} steps ({last['epoch']} epochs) in {last['elapsed_seconds'] / 60:.1f}
   minutes; the checkpoint kept is the best by validation ROUGE-L (step {best['step']}:
   {best['val_rouge_l']:.3f}, exact match {best['val_exact_match']:.3f}, unseen-entity copy rate
-  {best['unseen_entity_copy_rate']:.3f}). Curve: `docs/training-curve.png`.
+  {best['unseen_entity_copy_rate']:.3f}). {curve_note}
 
 ## Evaluation (`python -m qr_train.evaluate --unguarded`, greedy, at most {DEFAULT_MAX_NEW_TOKENS} new tokens)
 
