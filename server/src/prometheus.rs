@@ -90,9 +90,9 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "build_info",
-                "1, labelled with the server version, the model id, who runs the decoder steps and its int8 kernel.",
+                "1, labelled with the server version, the model id, who runs the decoder steps, the native decoder's kernel and its weight format.",
             ),
-            &["version", "model", "decoder", "kernel"],
+            &["version", "model", "decoder", "kernel", "weights"],
         )
         .expect("constant metric definition; this is a bug");
         let phases = HistogramVec::new(
@@ -144,13 +144,13 @@ impl Metrics {
         }
     }
 
-    /// Set once the model is loaded: `model` its id, `decoder` `native` or `onnx`, `kernel` the
-    /// native decoder's int8 kernel (`none` when ONNX Runtime runs the steps).
-    pub fn set_build_info(&self, model: &str, decoder: &str, kernel: Option<&str>) {
+    /// Set once the model is loaded: `model` its id, `decoder` `native` or `onnx`, and for the
+    /// native decoder its kernel and weight format (`int8`, `q4`); both `none` when ONNX Runtime
+    /// runs the steps.
+    pub fn set_build_info(&self, model: &str, decoder: &str, native: Option<(&str, &str)>) {
+        let (kernel, weights) = native.unwrap_or(("none", "none"));
         self.build_info.reset();
-        self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), model, decoder, kernel.unwrap_or("none")])
-            .set(1);
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), model, decoder, kernel, weights]).set(1);
     }
 
     /// One finished RPC.
@@ -292,7 +292,7 @@ mod tests {
         m.fallback(FallbackReason::OffTopic);
         m.fallback(FallbackReason::OffTopic);
         m.set_build_info("m0", "onnx", None);
-        m.set_build_info("qreformulate-t5", "native", Some("avx2"));
+        m.set_build_info("qreformulate-t5", "native", Some(("avx2", "q4")));
         let text = m.render(CacheStats { hits: 1, misses: 4, entries: 5 }, 2);
         for line in [
             r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#,
@@ -314,7 +314,7 @@ mod tests {
             concat!(
                 r#"qreformulate_build_info{decoder="native",kernel="avx2",model="qreformulate-t5",version=""#,
                 env!("CARGO_PKG_VERSION"),
-                r#""} 1"#
+                r#"",weights="q4"} 1"#
             ),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");

@@ -126,25 +126,24 @@ pub async fn serve(
             let result = tokio::task::spawn_blocking(move || {
                 let engines = Engines::load(env, model, settings)?;
                 let decoder = engines.decoder();
-                match engines.kernel() {
-                    Some(kernel) => {
-                        let (weights, step_bytes) = engines.weights().unwrap_or_default();
-                        tracing::info!(
-                            ?decoder,
-                            streamed_weights = engines.streams_weights(),
-                            kernel,
-                            ?weights,
-                            step_mib = format!("{:.1}", step_bytes as f64 / (1 << 20) as f64),
-                            supported = %kernels::supported_names(),
-                            "decoder steps run on {decoder:?} with the {kernel} kernel on {weights:?} weights"
-                        )
-                    }
+                let native = engines.kernel().zip(engines.weights());
+                match native {
+                    Some((kernel, (weights, step_bytes))) => tracing::info!(
+                        ?decoder,
+                        streamed_weights = engines.streams_weights(),
+                        kernel,
+                        weights = weights.name(),
+                        step_mib = format!("{:.1}", step_bytes as f64 / (1 << 20) as f64),
+                        supported = %kernels::supported_names(),
+                        "decoder steps run on {decoder:?} with the {kernel} kernel on {} weights",
+                        weights.name()
+                    ),
                     None => tracing::info!(?decoder, "decoder steps run on {decoder:?}"),
                 }
                 build_info.metrics.set_build_info(
                     engines.model_id(),
                     &format!("{decoder:?}").to_lowercase(),
-                    engines.kernel(),
+                    native.map(|(kernel, (weights, _))| (kernel, weights.name())),
                 );
                 let factory = engines.factory();
                 EnginePool::start(workers, factory, warmup)

@@ -494,7 +494,7 @@ async fn prometheus_endpoint_counts_requests_by_code_and_cache() {
         r#"qreformulate_phase_duration_seconds_count{phase="queue"} 1"#.to_owned(),
         r#"qreformulate_phase_duration_seconds_count{phase="decode"} 1"#.to_owned(),
         format!(
-            r#"qreformulate_build_info{{decoder="native",kernel="{}",model="qreformulate-t5",version="{}"}} 1"#,
+            r#"qreformulate_build_info{{decoder="native",kernel="{}",model="qreformulate-t5",version="{}",weights="int8"}} 1"#,
             qserver::engine::native::kernels::Kernel::detect().name(),
             env!("CARGO_PKG_VERSION")
         ),

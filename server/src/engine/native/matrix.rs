@@ -15,6 +15,16 @@ pub enum WeightFormat {
     Q4,
 }
 
+impl WeightFormat {
+    /// The name used by `--native-weights`, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Q4 => "q4",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Int8(QuantMatrix),
