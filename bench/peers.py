@@ -44,6 +44,15 @@ ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_mod
 ENGINE_KEYS = ("ours-grpc", "ours-inproc", "ours-grpc-onnx", "ours-grpc-q4", "pytorch", "optimum-fp32", "optimum-int8", "ct2",
                "llamacpp-q8_0", "llamacpp-q4_0", "loop")
 DONE = ".complete"
+# qserver run again with other flags, one gRPC row each: (engine key, row name, flags, what they change).
+VARIANTS = {
+    "onnx": ("ours-grpc-onnx", "qserver (gRPC, ONNX Runtime decoder)", ["--decoder", "onnx"],
+             "every decoder step on ONNX Runtime (decoder_model.onnx, decoder_with_past_model.onnx) instead of "
+             "the native int8 decoder"),
+    "q4": ("ours-grpc-q4", "qserver (gRPC, 4-bit native weights)", ["--native-weights", "q4"],
+           "the native decoder's step weights in 4-bit blocks (answers differ slightly from int8, "
+           "docs/performance.md)"),
+}
 GROUNDING_FILE = "grounding.json"  # qr_train.grounding.FILE_NAME: read by qserver, not by the peers
 
 
@@ -239,12 +248,11 @@ def check_fixed(section: Section, name: str, stats: dict) -> None:
 
 
 def measure_ours(section: Section, args, model_dir: Path, queries: list[str], query_file: Path, work: Path,
-                 wanted: set[str], constrained: bool = False, onnx_decoder: bool = False, q4: bool = False) -> None:
+                 wanted: set[str], constrained: bool = False, variant: str | None = None) -> None:
     """qserver (1 worker, 1 thread, no cache) on model_dir: over gRPC and through the Benchmark RPC.
 
     constrained=True is the model directory as shipped, grounding.json included: one extra gRPC row.
-    onnx_decoder=True runs the decoder steps on ONNX Runtime instead of the native decoder: one gRPC row.
-    q4=True runs the native decoder on 4-bit weights (`--native-weights q4`): one gRPC row.
+    variant (a key of VARIANTS) runs the same server with that variant's flags: one gRPC row.
     """
     flags = ["--max-new-tokens", str(section.max_new_tokens), "--warmup", str(args.warmup)]
     if section.fixed:
@@ -252,19 +260,11 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
     server_args = ["--workers", "1", "--intra-op-threads", str(args.threads), "--cache-capacity", "0"]
     detail_cmd = (f"`qserver --workers 1 --intra-op-threads {args.threads} --cache-capacity 0 "
                   f"--model {rel(model_dir)}`")
-    if onnx_decoder:
-        server_args += ["--decoder", "onnx"]
-        runs = [("ours-grpc-onnx", "qserver (gRPC, ONNX Runtime decoder)", ["--concurrency", "1"],
-                 f"{detail_cmd} `--decoder onnx`: every decoder step on ONNX Runtime (decoder_model.onnx, "
-                 f"decoder_with_past_model.onnx) instead of the native int8 decoder; "
-                 f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
-        runs = [r for r in runs if r[0] in wanted]
-    elif q4:
-        server_args += ["--native-weights", "q4"]
-        runs = [("ours-grpc-q4", "qserver (gRPC, 4-bit native weights)", ["--concurrency", "1"],
-                 f"{detail_cmd} `--native-weights q4`: the native decoder's step weights in 4-bit blocks "
-                 f"(answers differ slightly from int8, docs/performance.md); "
-                 f"`qclient bench --concurrency 1 {' '.join(flags)}`")]
+    if variant:
+        key, name, variant_args, what = VARIANTS[variant]
+        server_args += variant_args
+        runs = [(key, name, ["--concurrency", "1"],
+                 f"{detail_cmd} `{' '.join(variant_args)}`: {what}; `qclient bench --concurrency 1 {' '.join(flags)}`")]
         runs = [r for r in runs if r[0] in wanted]
     elif constrained:
         runs = [("ours-grpc-constraint", "qserver (gRPC, shipped dir with grounding.json)", ["--concurrency", "1"],
@@ -282,8 +282,7 @@ def measure_ours(section: Section, args, model_dir: Path, queries: list[str], qu
         runs = [r for r in runs if r[0] in wanted]
     if not runs:
         return
-    tag = (section.data["key"] + ("-constraint" if constrained else "") + ("-onnx" if onnx_decoder else "")
-           + ("-q4" if q4 else ""))
+    tag = section.data["key"] + ("-constraint" if constrained else "") + (f"-{variant}" if variant else "")
     try:
         with QServer(args.qserver, args.qclient, model_dir, server_args,
                      work / "logs" / f"qserver-{tag}.log", args.health_timeout) as server:
@@ -355,9 +354,9 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
     measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted)
     if files.get("server"):
         measure_ours(section, args, files["int8"], queries, query_file, work, wanted, constrained=True)
-    measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted,
-                 onnx_decoder=True)
-    measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted, q4=True)
+    for variant in VARIANTS:
+        measure_ours(section, args, files.get("server", files["int8"]), queries, query_file, work, wanted,
+                     variant=variant)
     peers = [
         ("pytorch", "PyTorch generate (fp32)", "checkpoint",
          lambda: engines.PyTorchEngine(files["checkpoint"], n, fixed, t)),

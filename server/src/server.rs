@@ -126,24 +126,25 @@ pub async fn serve(
             let result = tokio::task::spawn_blocking(move || {
                 let engines = Engines::load(env, model, settings)?;
                 let decoder = engines.decoder();
-                let native = engines.kernel().zip(engines.weights());
+                let native = engines.native();
                 match native {
-                    Some((kernel, (weights, step_bytes))) => tracing::info!(
+                    Some(n) => tracing::info!(
                         ?decoder,
-                        streamed_weights = engines.streams_weights(),
-                        kernel,
-                        weights = weights.name(),
-                        step_mib = format!("{:.1}", step_bytes as f64 / (1 << 20) as f64),
+                        streamed_weights = n.streamed,
+                        kernel = n.kernel,
+                        weights = n.weights.name(),
+                        step_mib = format!("{:.1}", n.step_bytes as f64 / (1 << 20) as f64),
                         supported = %kernels::supported_names(),
-                        "decoder steps run on {decoder:?} with the {kernel} kernel on {} weights",
-                        weights.name()
+                        "decoder steps run on {decoder:?} with the {} kernel on {} weights",
+                        n.kernel,
+                        n.weights.name()
                     ),
                     None => tracing::info!(?decoder, "decoder steps run on {decoder:?}"),
                 }
                 build_info.metrics.set_build_info(
                     engines.model_id(),
                     &format!("{decoder:?}").to_lowercase(),
-                    native.map(|(kernel, (weights, _))| (kernel, weights.name())),
+                    native.map(|n| (n.kernel, n.weights.name())),
                 );
                 let factory = engines.factory();
                 EnginePool::start(workers, factory, warmup)

@@ -16,6 +16,17 @@ use super::{
     DecoderKind, Engine,
 };
 
+/// The native decoder's set-up, as start-up reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeInfo {
+    pub kernel: &'static str,
+    pub weights: WeightFormat,
+    /// Bytes of weights one decoder step reads.
+    pub step_bytes: usize,
+    /// Read with non-temporal prefetches (larger than the last-level cache).
+    pub streamed: bool,
+}
+
 /// The loaded choice: what every worker's engine will be.
 pub struct Engines {
     env: Environment,
@@ -46,19 +57,14 @@ impl Engines {
         }
     }
 
-    /// The native decoder's int8 kernel, when it runs the steps.
-    pub fn kernel(&self) -> Option<&'static str> {
-        self.native.as_ref().map(|_| kernels::kernel().name())
-    }
-
-    /// The native decoder's step weights: their format and the bytes one step reads.
-    pub fn weights(&self) -> Option<(WeightFormat, usize)> {
-        self.native.as_ref().map(|n| (n.weight_format(), n.step_bytes()))
-    }
-
-    /// Whether the native decoder streams its weights past the cache (larger than the LLC).
-    pub fn streams_weights(&self) -> bool {
-        self.native.as_ref().is_some_and(|n| n.streams_weights())
+    /// What the native decoder runs on, when it runs the steps (logs and metrics).
+    pub fn native(&self) -> Option<NativeInfo> {
+        self.native.as_ref().map(|n| NativeInfo {
+            kernel: kernels::kernel().name(),
+            weights: n.weight_format(),
+            step_bytes: n.step_bytes(),
+            streamed: n.streams_weights(),
+        })
     }
 
     pub fn model_id(&self) -> &str {

@@ -316,14 +316,15 @@ pub fn gemv_scalar(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2_impl {
+pub(super) mod avx2_impl {
     use std::arch::x86_64::*;
 
     use super::{QuantMatrix, QuantVector};
 
+    /// Sum of the eight i32 lanes (the 4-bit kernels use it too).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256i) -> i32 {
+    pub(crate) unsafe fn hsum(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         let s = _mm_hadd_epi32(s, s);
         let s = _mm_hadd_epi32(s, s);

@@ -50,10 +50,6 @@ impl Matrix {
         }
     }
 
-    pub fn is_q4(&self) -> bool {
-        matches!(self, Matrix::Q4(_))
-    }
-
     /// Rows `first..first + y.len()` of `W x` with a given kernel (benchmarks and tests).
     pub fn product_rows_with(&self, kernel: Kernel, first: usize, x: &QuantVector, y: &mut [f32]) {
         match self {

@@ -94,8 +94,14 @@ impl Q4Matrix {
 }
 
 /// `8 * sum x` over each block of 32: the offset of the stored nibbles, taken out once per call.
-fn offsets(x: &QuantVector) -> Vec<i32> {
-    x.q.chunks_exact(BLOCK).map(|b| 8 * b.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
+/// On the stack: this runs for every product of every decoder step.
+fn offsets<'a>(x: &QuantVector, out: &'a mut [i32; MAX_COLS / BLOCK]) -> &'a [i32] {
+    let blocks = x.q.chunks_exact(BLOCK);
+    let n = blocks.len();
+    for (o, b) in out.iter_mut().zip(blocks) {
+        *o = 8 * b.iter().map(|&v| i32::from(v)).sum::<i32>();
+    }
+    &out[..n]
 }
 
 /// `sum_b m_b * offset_b` of one row.
@@ -108,22 +114,23 @@ pub fn gemv_rows_with(kernel: Kernel, w: &Q4Matrix, first: usize, x: &QuantVecto
     assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
     assert!(first + y.len() <= w.rows, "rows out of range");
     assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
-    let offsets = offsets(x);
+    let mut buffer = [0i32; MAX_COLS / BLOCK];
+    let offsets = offsets(x, &mut buffer);
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the CPU supports the kernel's instructions (asserted above); the kernels read
         // rows first..first + y.len() only, asserted in range above, and x's cols bytes.
         unsafe {
             match kernel {
-                Kernel::Avx512Vnni => x86::gemv_vnni(w, first, x, &offsets, y),
-                Kernel::Avx512Bw => x86::gemv_bw(w, first, x, &offsets, y),
-                Kernel::Avx2 => x86::gemv_avx2(w, first, x, &offsets, y),
-                Kernel::Scalar => gemv_scalar(w, first, x, &offsets, y),
+                Kernel::Avx512Vnni => x86::gemv_vnni(w, first, x, offsets, y),
+                Kernel::Avx512Bw => x86::gemv_bw(w, first, x, offsets, y),
+                Kernel::Avx2 => x86::gemv_avx2(w, first, x, offsets, y),
+                Kernel::Scalar => gemv_scalar(w, first, x, offsets, y),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    gemv_scalar(w, first, x, &offsets, y);
+    gemv_scalar(w, first, x, offsets, y);
 }
 
 /// The reference every other path is tested against.
@@ -148,16 +155,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{row_offset, Q4Matrix, BLOCK, CHUNK};
-    use crate::engine::native::kernels::QuantVector;
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_hadd_epi32(s, s);
-        let s = _mm_hadd_epi32(s, s);
-        _mm_cvtsi128_si32(s)
-    }
+    use crate::engine::native::kernels::{avx2_impl::hsum, QuantVector};
 
     /// 32 bytes of a chunk hold two blocks: b (low nibbles) and b + 2 (high nibbles). Each
     /// block's `u * x` pair sums (at most 2 * 15 * 127) are weighed by its m in `vpmaddwd`.
