@@ -3,12 +3,15 @@
 //! supports, interleaved round by round on one thread; prints the median step time per kernel,
 //! its ratio to the scalar reference and the weight bytes streamed per second.
 //!
+//! Then the batched product (continuous batching) with the process's kernel: one step for 1, 2,
+//! 4 and 8 rows, per step and per row.
+//!
 //! `cargo run --release -p qserver --example kernels -- [shipped|flan-t5-small|flan-t5-base] [ROUNDS] [int8|q4]`
 use std::time::Instant;
 
 use clap::ValueEnum;
 use qserver::engine::native::{
-    kernels::{streams, Kernel, QuantVector, RowProduct},
+    kernels::{gemv_batch, kernel, streams, Kernel, QuantVector, RowProduct},
     matrix::{Matrix, WeightFormat},
 };
 
@@ -108,5 +111,45 @@ fn main() {
             scalar.map_or(f64::NAN, |s| s / ms),
             bytes as f64 / (ms * 1e-3) / 1e9
         );
+    }
+
+    batched(&mats, rounds);
+}
+
+/// One step's products for 1, 2, 4 and 8 rows at once ([`gemv_batch`]), the sizes interleaved
+/// round by round.
+fn batched(mats: &[Matrix], rounds: usize) {
+    const SIZES: [usize; 4] = [1, 2, 4, 8];
+    let inputs: Vec<Vec<QuantVector>> = mats
+        .iter()
+        .map(|m| {
+            (0..8)
+                .map(|b| {
+                    let mut x = QuantVector::default();
+                    x.set(&random_weights(1, m.cols(), 100 + b));
+                    x
+                })
+                .collect()
+        })
+        .collect();
+    let mut outputs: Vec<Vec<Vec<f32>>> = mats.iter().map(|m| vec![vec![0f32; m.rows()]; 8]).collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); SIZES.len()];
+    for round in 0..rounds + 2 {
+        for (i, &n) in SIZES.iter().enumerate() {
+            let started = Instant::now();
+            for ((m, xs), ys) in mats.iter().zip(&inputs).zip(outputs.iter_mut()) {
+                let xs: Vec<&QuantVector> = xs[..n].iter().collect();
+                let mut ys: Vec<&mut [f32]> = ys[..n].iter_mut().map(Vec::as_mut_slice).collect();
+                gemv_batch(m, &xs, &mut ys);
+            }
+            if round >= 2 {
+                times[i].push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    println!("batched products, {} kernel:", kernel().name());
+    for (n, t) in SIZES.iter().zip(times.iter_mut()) {
+        let ms = median(t);
+        println!("  {n} rows  {ms:>8.3} ms/step  {:>8.3} ms/row", ms / *n as f64);
     }
 }

@@ -152,6 +152,12 @@ pub struct Config {
     #[arg(long, env = "QSERVER_INTRA_OP_THREADS", default_value_t = NonZeroUsize::MIN)]
     pub intra_op_threads: NonZeroUsize,
 
+    /// Continuous batching: requests each engine worker decodes together, joining and leaving
+    /// between decoder steps, so that each step reads the weights once for all of them (native
+    /// decoder only; answers are the same as one at a time). 1 serves one request at a time.
+    #[arg(long, env = "QSERVER_MAX_BATCH_REQUESTS", default_value = "8")]
+    pub max_batch_requests: NonZeroUsize,
+
     /// Requests handled at once (Reformulate, Evaluate and Benchmark calls); more are
     /// refused with RESOURCE_EXHAUSTED instead of queueing.
     #[arg(long, env = "QSERVER_MAX_CONCURRENT_REQUESTS", default_value = "64")]

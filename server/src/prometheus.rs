@@ -16,6 +16,7 @@ use qreformulate::guards::FallbackReason;
 use tokio::net::TcpListener;
 
 use crate::cache::CacheStats;
+use crate::engine::pool::BatchStats;
 use crate::service::Shared;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to multi-second generations.
@@ -188,7 +189,7 @@ impl Metrics {
 
     /// The text exposition format. The cache and admission numbers are read now from their
     /// owners (the cache counts its own hits and misses), not counted twice.
-    pub fn render(&self, cache: CacheStats, in_flight: usize) -> String {
+    pub fn render(&self, cache: CacheStats, in_flight: usize, batches: BatchStats) -> String {
         let mut families = self.registry.gather();
         families.extend([
             family(
@@ -202,6 +203,16 @@ impl Metrics {
                 Value::Counter(cache.misses),
             ),
             family("qreformulate_cache_entries", "Entries in the response cache.", Value::Gauge(cache.entries)),
+            family(
+                "qreformulate_batch_steps_total",
+                "Decoder steps taken by continuous batching (--max-batch-requests above 1).",
+                Value::Counter(batches.steps),
+            ),
+            family(
+                "qreformulate_batch_step_requests_total",
+                "Requests those steps carried, summed: divided by the steps, the mean batch.",
+                Value::Counter(batches.requests),
+            ),
             family(
                 "qreformulate_in_flight_requests",
                 "RPCs admitted and not yet answered.",
@@ -255,7 +266,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-                    shared.metrics.render(shared.cache_stats(), shared.in_flight()),
+                    shared.metrics.render(shared.cache_stats(), shared.in_flight(), shared.batch_stats()),
                 )
             }
         }),
@@ -293,9 +304,11 @@ mod tests {
         m.fallback(FallbackReason::OffTopic);
         m.set_build_info("m0", "onnx", None);
         m.set_build_info("qreformulate-t5", "native", Some(("avx2", "q4")));
-        let text = m.render(CacheStats { hits: 1, misses: 4, entries: 5 }, 2);
+        let text = m.render(CacheStats { hits: 1, misses: 4, entries: 5 }, 2, BatchStats { steps: 10, requests: 35 });
         for line in [
             r#"qreformulate_requests_total{code="OK",rpc="Reformulate"} 2"#,
+            "qreformulate_batch_steps_total 10",
+            "qreformulate_batch_step_requests_total 35",
             r#"qreformulate_requests_total{code="INVALID_ARGUMENT",rpc="Reformulate"} 1"#,
             r#"qreformulate_request_duration_seconds_count{rpc="Reformulate"} 3"#,
             r#"qreformulate_request_duration_seconds_bucket{rpc="Reformulate",le="0.02"} 2"#,
@@ -332,7 +345,11 @@ mod tests {
     fn two_servers_in_one_process_have_separate_counts() {
         let (a, b) = (Metrics::new(), Metrics::new());
         a.generated(&qreformulate::pb::Timings { generated_tokens: 3, ..Default::default() });
-        assert!(a.render(CacheStats::default(), 0).contains("qreformulate_generated_tokens_total 3"));
-        assert!(b.render(CacheStats::default(), 0).contains("qreformulate_generated_tokens_total 0"));
+        assert!(a
+            .render(CacheStats::default(), 0, BatchStats::default())
+            .contains("qreformulate_generated_tokens_total 3"));
+        assert!(b
+            .render(CacheStats::default(), 0, BatchStats::default())
+            .contains("qreformulate_generated_tokens_total 0"));
     }
 }

@@ -66,6 +66,7 @@ pub async fn serve(
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
+        max_batch_requests = config.max_batch_requests.get(),
         "loading model"
     );
     match model.grounding.as_ref().and_then(|rules| rules.vocabulary.as_ref()) {
@@ -120,6 +121,7 @@ pub async fn serve(
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);
+        let max_batch = config.max_batch_requests.get();
         let build_info = Arc::clone(&shared);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
@@ -147,7 +149,7 @@ pub async fn serve(
                     native.map(|n| (n.kernel, n.weights.name())),
                 );
                 let factory = engines.factory();
-                EnginePool::start(workers, factory, warmup)
+                EnginePool::start_batched(workers, max_batch, factory, warmup)
             })
             .await
             .unwrap_or_else(|e| Err(ModelError::WarmUp(format!("loader task failed: {e}"))));

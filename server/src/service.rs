@@ -22,7 +22,10 @@ use crate::budget::{Budgets, CallBudget};
 use crate::cache::{CacheKey, CacheStats, ResponseCache};
 use crate::config::Config;
 use crate::deadline;
-use crate::engine::{pool::EnginePool, CancelToken, Candidate, GenerateRequest, Generation};
+use crate::engine::{
+    pool::{BatchStats, EnginePool},
+    CancelToken, Candidate, GenerateRequest, Generation,
+};
 use crate::error::ServiceError;
 use crate::prometheus::Metrics;
 use crate::validate::{self, Limits, ValidRequest};
@@ -117,6 +120,11 @@ impl Shared {
 
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// Continuous batching so far (zeros before the model is loaded).
+    pub fn batch_stats(&self) -> BatchStats {
+        self.pool.get().map(EnginePool::batch_stats).unwrap_or_default()
     }
 
     /// RPCs holding an admission permit now.

@@ -44,7 +44,7 @@ fn mean(sum: f64, tokens: usize) -> f64 {
     }
 }
 
-pub trait Search {
+pub trait Search: Send {
     /// Sequences decoded side by side (the decoder's batch size).
     fn rows(&self) -> usize;
     /// Consumes the newest position's logits (`rows x vocab`); true when decoding is done.

@@ -2,6 +2,7 @@
 //! its search strategies, grounded decoding, timings. Nothing of gRPC lives here; the service talks to it through [`Engine`] and the
 //! worker [`pool`].
 
+pub mod batch;
 pub mod cancel;
 pub mod decode;
 pub mod factory;
@@ -40,6 +41,25 @@ pub trait Engine: Send {
     fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError>;
     /// Identifies the loaded model in responses and logs.
     fn model_id(&self) -> &str;
+    /// Continuous batching, when the engine's decoder can step several requests together.
+    fn batching(&mut self) -> Option<&mut dyn Batching> {
+        None
+    }
+}
+
+/// Continuous batching: the requests in flight on one worker share each decoder step (each
+/// weight matrix is read once for all their rows). The worker joins queued requests between
+/// steps and answers each as soon as it ends; an answer is the same as [`Engine::generate`]'s.
+pub trait Batching {
+    /// Tokenizes and encodes one request and adds it to those in flight under `tag`. An error
+    /// is the request's answer; it did not join.
+    fn join(&mut self, tag: u64, req: &GenerateRequest, cancel: CancelToken) -> Result<(), EngineError>;
+    /// One decoder step of every request in flight; returns those that ended (answered,
+    /// failed, cancelled or past their deadline) with their answers.
+    fn step(&mut self) -> Vec<(u64, Result<Generation, EngineError>)>;
+    fn in_flight(&self) -> usize;
+    /// Drops every request in flight (after a panic inside a step); returns their tags.
+    fn clear(&mut self) -> Vec<u64>;
 }
 
 /// What to generate for one query (already validated by the caller).

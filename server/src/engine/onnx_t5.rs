@@ -17,7 +17,8 @@ pub use super::native_steps::load_native;
 pub use super::onnx_decoder::check_onnx_decoder;
 pub use super::onnx_session::SessionSettings;
 use super::{
-    decode::{new_search, Special},
+    batch::Batch,
+    decode::{new_search, Hypothesis, Search, Special},
     grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
     native::NativeDecoder,
@@ -25,7 +26,7 @@ use super::{
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
     steps::{run_search, DecoderBackend},
-    CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, Timings,
+    Batching, CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, Timings,
 };
 
 /// The encoder session's output name and whether it takes a mask.
@@ -47,6 +48,8 @@ pub struct OnnxT5 {
     grounding: Option<Arc<GroundingModel>>,
     /// The native decoder's threads when it may use more than one (`intra_op_threads`).
     threads: Option<Arc<rayon::ThreadPool>>,
+    /// The requests in flight together, with the native decoder (continuous batching).
+    pub(super) batch: Option<Batch>,
 }
 
 impl EncoderIo {
@@ -99,6 +102,7 @@ impl OnnxT5 {
             )),
             _ => None,
         };
+        let batch = native.as_ref().map(|native| Batch::new(Arc::clone(native)));
         let decoder: Box<dyn DecoderBackend> = match native {
             Some(native) => Box::new(NativeBackend(native)),
             None => Box::new(OnnxDecoder::load(env, dir, settings)?),
@@ -120,6 +124,7 @@ impl OnnxT5 {
             length_penalty: dir.generation.length_penalty,
             grounding,
             threads,
+            batch,
         })
     }
 
@@ -171,48 +176,48 @@ impl OnnxT5 {
             .ok_or_else(|| EngineError::Model(format!("encoder returned no `{}`", self.encoder_io.output)))
     }
 
+    /// The request's search (its strategy, grounded unless the request is unguarded).
+    pub(super) fn search_for(&self, req: &GenerateRequest) -> Box<dyn Search> {
+        let params = &req.params;
+        let grounding = self.grounding.as_ref().filter(|_| !params.unguarded).map(|g| g.for_query(&req.query));
+        new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, grounding)
+    }
+
     /// Decodes the encoder's output with the request's search on the decoder backend.
     fn decode(
         &mut self,
         encoder_states: DynValue,
         req: &GenerateRequest,
         cancel: &CancelToken,
-    ) -> Result<Vec<super::decode::Hypothesis>, EngineError> {
-        let params = &req.params;
-        let grounding = self.grounding.as_ref().filter(|_| !params.unguarded).map(|g| g.for_query(&req.query));
-        let search = new_search(params.search, self.special(), params.ignore_eos, self.length_penalty, grounding);
+    ) -> Result<Vec<Hypothesis>, EngineError> {
+        let search = self.search_for(req);
         let mut steps = self.decoder.begin(encoder_states, search.rows())?;
-        run_search(steps.as_mut(), search, self.config.decoder_start_token_id, params.max_new_tokens, cancel)
+        run_search(steps.as_mut(), search, self.config.decoder_start_token_id, req.params.max_new_tokens, cancel)
     }
-}
 
-impl Engine for OnnxT5 {
-    fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+    /// Runs `f` on the native decoder's thread pool when it has one, so that its matrix
+    /// products use the whole pool; else on this thread.
+    pub(super) fn in_pool<T: Send>(&mut self, f: impl FnOnce(&mut Self) -> T + Send) -> T {
         match self.threads.clone() {
-            // On a pool thread, so the native decoder's matrix products use the whole pool.
-            Some(pool) => pool.install(|| self.generate_here(req, cancel)),
-            None => self.generate_here(req, cancel),
+            Some(pool) => pool.install(|| f(self)),
+            None => f(self),
         }
     }
 
-    fn model_id(&self) -> &str {
-        &self.model_id
-    }
-}
-
-impl OnnxT5 {
-    fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+    /// Tokenizes and encodes one request.
+    pub(super) fn prepare(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Prepared, EngineError> {
         let started = Instant::now();
         cancel.check(0)?;
         let (ids, truncated) = self.tokenize(req)?;
         let tokenized = Instant::now();
+        let states = self.encode(&ids)?;
+        Ok(Prepared { states, started, tokenized, encoded: Instant::now(), input_tokens: ids.len(), truncated })
+    }
 
-        let encoder_states = self.encode(&ids)?;
-        let encoded = Instant::now();
-
-        let hyps = self.decode(encoder_states, req, cancel)?;
+    /// The answer: the hypotheses detokenized, with the request's timings.
+    pub(super) fn answer(&self, prepared: Timed, hyps: &[Hypothesis]) -> Result<Generation, EngineError> {
         let mut candidates = Vec::with_capacity(hyps.len());
-        for h in &hyps {
+        for h in hyps {
             let text = self.tokenizer.decode(&h.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
             candidates.push(Candidate { text, score: h.score, mean_logprob: h.mean_logprob, tokens: h.tokens.len() });
         }
@@ -221,14 +226,72 @@ impl OnnxT5 {
             return Err(EngineError::Model("search returned no sequence".into()));
         }
         let timings = Timings {
-            tokenize: tokenized - started,
-            encode: encoded - tokenized,
-            decode: decoded - encoded,
-            total: decoded - started,
+            tokenize: prepared.tokenized - prepared.started,
+            encode: prepared.encoded - prepared.tokenized,
+            decode: decoded - prepared.encoded,
+            total: decoded - prepared.started,
             generated_tokens: candidates[0].tokens,
-            input_tokens: ids.len(),
+            input_tokens: prepared.input_tokens,
         };
-        Ok(Generation { candidates, timings, truncated })
+        Ok(Generation { candidates, timings, truncated: prepared.truncated })
+    }
+
+    /// The first decoder token.
+    pub(super) fn start_token(&self) -> u32 {
+        self.config.decoder_start_token_id
+    }
+}
+
+/// A request tokenized and encoded, ready for its decoder steps.
+pub(super) struct Prepared {
+    pub states: DynValue,
+    pub started: Instant,
+    pub tokenized: Instant,
+    pub encoded: Instant,
+    pub input_tokens: usize,
+    pub truncated: bool,
+}
+
+/// [`Prepared`] without the encoder output: what the answer reports.
+#[derive(Clone, Copy)]
+pub(super) struct Timed {
+    pub started: Instant,
+    pub tokenized: Instant,
+    pub encoded: Instant,
+    pub input_tokens: usize,
+    pub truncated: bool,
+}
+
+impl Prepared {
+    pub fn split(self) -> (DynValue, Timed) {
+        let Prepared { states, started, tokenized, encoded, input_tokens, truncated } = self;
+        (states, Timed { started, tokenized, encoded, input_tokens, truncated })
+    }
+}
+
+impl Engine for OnnxT5 {
+    fn generate(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+        self.in_pool(|engine| engine.generate_here(req, cancel))
+    }
+
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn batching(&mut self) -> Option<&mut dyn Batching> {
+        if self.batch.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl OnnxT5 {
+    fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
+        let (states, timed) = self.prepare(req, cancel)?.split();
+        let hyps = self.decode(states, req, cancel)?;
+        self.answer(timed, &hyps)
     }
 
     /// Whether decoding is grounded (the model ships `grounding.json`) unless a request is

@@ -5,7 +5,7 @@
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -15,7 +15,7 @@ use std::{
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
-use super::{CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError};
+use super::{Batching, CancelToken, Engine, EngineError, GenerateRequest, Generation, ModelError};
 
 /// Builds worker `i`'s engine, on that worker's thread.
 pub type EngineFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Engine>, ModelError> + Send + Sync>;
@@ -33,6 +33,33 @@ pub struct EnginePool {
     aborted: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     busy: Arc<Busy>,
+    batches: Arc<BatchCounters>,
+}
+
+/// Continuous batching counters: decoder steps taken by batching workers, and the requests
+/// those steps carried (their ratio is the mean batch).
+#[derive(Debug, Default)]
+pub struct BatchCounters {
+    steps: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A reading of [`BatchCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub steps: u64,
+    pub requests: u64,
+}
+
+impl BatchCounters {
+    fn record(&self, requests: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(requests as u64, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> BatchStats {
+        BatchStats { steps: self.steps.load(Ordering::Relaxed), requests: self.requests.load(Ordering::Relaxed) }
+    }
 }
 
 /// When each worker took its current job, for the watchdog: milliseconds since `epoch` plus
@@ -55,6 +82,12 @@ impl Busy {
         self.since[worker].store(0, Ordering::Relaxed);
     }
 
+    /// A batching worker is on its oldest request in flight: since it joined (`now()` then),
+    /// or idle when none is.
+    fn on_oldest(&self, worker: usize, joined: impl Iterator<Item = u64>) {
+        self.since[worker].store(joined.min().unwrap_or(0), Ordering::Relaxed);
+    }
+
     fn longest(&self) -> Duration {
         let now = self.now();
         let started = self.since.iter().map(|s| s.load(Ordering::Relaxed)).filter(|&s| s != 0).min();
@@ -68,11 +101,25 @@ impl EnginePool {
     /// joined before the error is returned, so that no worker is still inside ONNX Runtime
     /// when the process exits with it (that crashed the process instead of exiting 1).
     pub fn start(size: usize, factory: EngineFactory, warmup: GenerateRequest) -> Result<Self, ModelError> {
+        Self::start_batched(size, 1, factory, warmup)
+    }
+
+    /// [`EnginePool::start`] with continuous batching: a worker whose engine supports it
+    /// ([`Engine::batching`]) keeps up to `max_batch` requests in flight, joining queued ones
+    /// between decoder steps. 1 serves one request at a time.
+    pub fn start_batched(
+        size: usize,
+        max_batch: usize,
+        factory: EngineFactory,
+        warmup: GenerateRequest,
+    ) -> Result<Self, ModelError> {
         let size = size.max(1);
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let aborted = Arc::new(AtomicBool::new(false));
         let busy = Arc::new(Busy { epoch: Instant::now(), since: (0..size).map(|_| AtomicU64::new(0)).collect() });
+        let loads: Arc<[AtomicUsize]> = (0..size).map(|_| AtomicUsize::new(0)).collect();
+        let batches = Arc::new(BatchCounters::default());
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
             let rx = rx.clone();
@@ -81,6 +128,8 @@ impl EnginePool {
             let warmup = warmup.clone();
             let worker_aborted = Arc::clone(&aborted);
             let worker_busy = Arc::clone(&busy);
+            let loads = Arc::clone(&loads);
+            let worker_batches = Arc::clone(&batches);
             let spawned = thread::Builder::new().name(format!("qserver-engine-{i}")).spawn(move || {
                 let engine = match factory(i) {
                     Ok(engine) => engine,
@@ -89,7 +138,16 @@ impl EnginePool {
                         return;
                     }
                 };
-                worker(i, engine, rx, ready_tx, warmup, worker_aborted, worker_busy);
+                let shared = Shared {
+                    index: i,
+                    rx,
+                    aborted: worker_aborted,
+                    busy: worker_busy,
+                    max_batch,
+                    loads,
+                    batches: worker_batches,
+                };
+                worker(engine, ready_tx, warmup, shared);
             });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -126,7 +184,7 @@ impl EnginePool {
                 }
             }
         }
-        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads), busy })
+        Ok(Self { tx, size, model_id, aborted, threads: Mutex::new(threads), busy, batches })
     }
 
     pub fn size(&self) -> usize {
@@ -135,6 +193,11 @@ impl EnginePool {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// Decoder steps of batching workers so far, and the requests they carried.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batches.read()
     }
 
     /// How long the worker longest on its current job has been on it (zero when all are idle).
@@ -190,15 +253,43 @@ impl Drop for EnginePool {
     }
 }
 
-fn worker(
+/// What a worker thread shares with its pool.
+struct Shared {
     index: usize,
-    mut engine: Box<dyn Engine>,
     rx: Receiver<Job>,
-    ready: mpsc::Sender<Result<String, ModelError>>,
-    warmup: GenerateRequest,
+    /// Set by `stop`.
     aborted: Arc<AtomicBool>,
     busy: Arc<Busy>,
+    max_batch: usize,
+    /// Requests in flight on each worker (continuous batching).
+    loads: Arc<[AtomicUsize]>,
+    batches: Arc<BatchCounters>,
+}
+
+impl Shared {
+    /// Whether this worker, with requests in flight, should take another queued job now: only
+    /// when no other worker has fewer in flight. A blocked idle worker would otherwise lose
+    /// every new job to a busy one polling between its steps, and that one's batch would grow
+    /// while the other core idles.
+    fn takes_more(&self, in_flight: usize) -> bool {
+        in_flight < self.max_batch
+            && self.loads.iter().enumerate().all(|(i, l)| i == self.index || l.load(Ordering::Relaxed) >= in_flight)
+    }
+
+    fn set_load(&self, in_flight: usize) {
+        self.loads[self.index].store(in_flight, Ordering::Relaxed);
+    }
+}
+
+type Reply = oneshot::Sender<Result<Generation, EngineError>>;
+
+fn worker(
+    mut engine: Box<dyn Engine>,
+    ready: mpsc::Sender<Result<String, ModelError>>,
+    warmup: GenerateRequest,
+    w: Shared,
 ) {
+    let index = w.index;
     let started = Instant::now();
     match run_guarded(engine.as_mut(), &warmup, &CancelToken::new(None)).and_then(sane) {
         Ok(g) => {
@@ -216,18 +307,100 @@ fn worker(
         }
     }
     drop(ready);
-    while let Ok(job) = rx.recv() {
+    let batched = w.max_batch > 1 && engine.batching().is_some();
+    match engine.batching() {
+        Some(batching) if batched => serve_batched(batching, &w),
+        _ => serve_one_at_a_time(engine.as_mut(), &w),
+    }
+    tracing::debug!(worker = index, "engine worker stopped");
+}
+
+fn serve_one_at_a_time(engine: &mut dyn Engine, w: &Shared) {
+    while let Ok(job) = w.rx.recv() {
         match job {
             Job::Stop => break,
             Job::Generate { req, cancel, reply } => {
-                busy.start(index);
-                let result = unless_aborted(&aborted, cancel, |c| run_guarded(engine.as_mut(), &req, c));
-                busy.end(index);
+                w.busy.start(w.index);
+                let result = unless_aborted(&w.aborted, cancel, |c| run_guarded(engine, &req, c));
+                w.busy.end(w.index);
                 let _ = reply.send(result);
             }
         }
     }
-    tracing::debug!(worker = index, "engine worker stopped");
+}
+
+/// Continuous batching: between two decoder steps the worker joins the jobs already queued (it
+/// waits for one only when nothing is in flight), up to `max_batch` in flight, and answers each
+/// request as soon as it ends. For the watchdog the worker is on its oldest request in flight,
+/// as a worker without batching is on its one request. A panic answers the requests it touched
+/// and keeps the worker alive. After `Stop`, the requests in flight end (the abort cancels them
+/// at their next step) before the worker exits.
+fn serve_batched(batching: &mut dyn Batching, w: &Shared) {
+    // Per request in flight: its tag, its reply, when it joined (`Busy::now`).
+    let mut replies: Vec<(u64, Reply, u64)> = Vec::new();
+    let oldest = |replies: &Vec<(u64, Reply, u64)>| w.busy.on_oldest(w.index, replies.iter().map(|r| r.2));
+    let mut next_tag = 0u64;
+    let mut stopping = false;
+    loop {
+        while !stopping && (batching.in_flight() == 0 || w.takes_more(batching.in_flight())) {
+            let job = if batching.in_flight() == 0 {
+                match w.rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                match w.rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            let (req, cancel, reply) = match job {
+                Job::Stop => {
+                    stopping = true;
+                    break;
+                }
+                Job::Generate { req, cancel, reply } => (req, cancel, reply),
+            };
+            let tag = next_tag;
+            next_tag += 1;
+            let joining = w.busy.now();
+            w.busy.on_oldest(w.index, replies.iter().map(|r| r.2).chain([joining]));
+            let joined = unless_aborted(&w.aborted, cancel, |c| {
+                c.check(0)?; // the client gave up while the job was queued
+                guarded(|| batching.join(tag, &req, c.clone()))?
+            });
+            w.set_load(batching.in_flight());
+            match joined {
+                Ok(()) => replies.push((tag, reply, joining)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            oldest(&replies);
+        }
+        if batching.in_flight() == 0 {
+            if stopping {
+                return;
+            }
+            continue;
+        }
+        w.batches.record(batching.in_flight());
+        let ended = guarded(|| batching.step()).unwrap_or_else(|panic| {
+            let message = match panic {
+                EngineError::Panicked(m) => m,
+                other => other.to_string(),
+            };
+            batching.clear().into_iter().map(|tag| (tag, Err(EngineError::Panicked(message.clone())))).collect()
+        });
+        w.set_load(batching.in_flight());
+        for (tag, answer) in ended {
+            if let Some(i) = replies.iter().position(|r| r.0 == tag) {
+                let (_, reply, _) = replies.swap_remove(i);
+                let _ = reply.send(answer.map_err(|e| shutdown_error(&w.aborted, e)));
+            }
+        }
+        oldest(&replies);
+    }
 }
 
 /// The warm-up answer must have finite scores: NaN or infinite weights (a corrupt ONNX file)
@@ -255,12 +428,17 @@ fn unless_aborted<T>(
     if aborted.load(Ordering::Relaxed) {
         Err(EngineError::Unavailable("server is shutting down".into()))
     } else {
-        run(&cancel.linked_to(Arc::clone(aborted))).map_err(|e| match e {
-            EngineError::Cancelled if aborted.load(Ordering::Relaxed) => EngineError::Unavailable(
-                "server is shutting down: the call was stopped when the grace period ran out; retry".into(),
-            ),
-            other => other,
-        })
+        run(&cancel.linked_to(Arc::clone(aborted))).map_err(|e| shutdown_error(aborted, e))
+    }
+}
+
+/// A request cancelled because the pool was aborted is UNAVAILABLE, not CANCELLED.
+fn shutdown_error(aborted: &AtomicBool, e: EngineError) -> EngineError {
+    match e {
+        EngineError::Cancelled if aborted.load(Ordering::Relaxed) => EngineError::Unavailable(
+            "server is shutting down: the call was stopped when the grace period ran out; retry".into(),
+        ),
+        other => other,
     }
 }
 
@@ -271,13 +449,18 @@ fn run_guarded(
     cancel: &CancelToken,
 ) -> Result<Generation, EngineError> {
     cancel.check(0)?; // the client gave up while the job was queued
-    catch_unwind(AssertUnwindSafe(|| engine.generate(req, cancel))).unwrap_or_else(|panic| {
+    guarded(|| engine.generate(req, cancel))?
+}
+
+/// Runs `f`, turning a panic into [`EngineError::Panicked`] with its message.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
         let msg = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Err(EngineError::Panicked(msg))
+        EngineError::Panicked(msg)
     })
 }
 
@@ -345,6 +528,79 @@ mod tests {
         assert!(matches!(panicked, Err(EngineError::Panicked(ref m)) if m.contains("engine bug")), "{panicked:?}");
         // The worker is still alive.
         assert!(pool.generate(request("b"), CancelToken::new(None)).await.is_ok());
+    }
+
+    /// A batching engine: a request takes as many steps as its query has characters and answers
+    /// with the query and the most requests it ever shared a step with; "panic" panics in a step.
+    struct Stepper {
+        running: Vec<(u64, String, usize)>,
+        widest: usize,
+    }
+
+    impl Engine for Stepper {
+        fn generate(&mut self, req: &GenerateRequest, _: &CancelToken) -> Result<Generation, EngineError> {
+            Ok(answer(&req.query, 1))
+        }
+        fn model_id(&self) -> &str {
+            "stepper"
+        }
+        fn batching(&mut self) -> Option<&mut dyn Batching> {
+            Some(self)
+        }
+    }
+
+    impl Batching for Stepper {
+        fn join(&mut self, tag: u64, req: &GenerateRequest, _: CancelToken) -> Result<(), EngineError> {
+            self.running.push((tag, req.query.clone(), req.query.len()));
+            Ok(())
+        }
+        fn step(&mut self) -> Vec<(u64, Result<Generation, EngineError>)> {
+            assert!(self.running.iter().all(|(_, q, _)| q != "panic"), "engine bug");
+            self.widest = self.widest.max(self.running.len());
+            self.running.iter_mut().for_each(|r| r.2 -= 1);
+            let (done, running) = std::mem::take(&mut self.running).into_iter().partition(|r| r.2 == 0);
+            self.running = running;
+            done.into_iter().map(|(tag, q, _)| (tag, Ok(answer(&q, self.widest)))).collect::<Vec<_>>()
+        }
+        fn in_flight(&self) -> usize {
+            self.running.len()
+        }
+        fn clear(&mut self) -> Vec<u64> {
+            self.running.drain(..).map(|r| r.0).collect()
+        }
+    }
+
+    fn answer(text: &str, widest: usize) -> Generation {
+        Generation {
+            candidates: vec![Candidate { text: format!("{text}|{widest}"), score: 0.0, mean_logprob: 0.0, tokens: 1 }],
+            timings: Timings::default(),
+            truncated: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batching_worker_steps_requests_together_and_survives_a_panic() {
+        let factory: EngineFactory =
+            Arc::new(|_| Ok(Box::new(Stepper { running: Vec::new(), widest: 0 }) as Box<dyn Engine>));
+        let pool = Arc::new(EnginePool::start_batched(1, 4, factory, request("warm")).unwrap());
+        let run = |q: &'static str| {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.generate(request(q), CancelToken::new(None)).await })
+        };
+        // Six at once on one worker: at most four in flight, every one answered.
+        let jobs: Vec<_> = ["aaaaaaaa", "bbbbbbbb", "cccccccc", "dddddddd", "ee", "ff"].into_iter().map(run).collect();
+        let mut widest = 0;
+        for job in jobs {
+            let text = job.await.unwrap().unwrap().candidates[0].text.clone();
+            widest = widest.max(text.rsplit('|').next().unwrap().parse::<usize>().unwrap());
+        }
+        assert!((2..=4).contains(&widest), "requests shared steps up to {widest}; the limit is 4");
+        let stats = pool.batch_stats();
+        assert!(stats.requests > stats.steps, "{stats:?}");
+        // A panic in a step answers the requests it touched, and the worker goes on.
+        let panicked = run("panic").await.unwrap();
+        assert!(matches!(panicked, Err(EngineError::Panicked(ref m)) if m == "engine bug"), "{panicked:?}");
+        assert!(run("after").await.unwrap().is_ok());
     }
 
     #[tokio::test]

@@ -37,33 +37,80 @@ pub trait DecoderBackend: Send {
     }
 }
 
-/// The decode loop shared by every backend and search strategy: at most `max_new_tokens`
-/// steps, checking `cancel` (client gone, deadline) before each.
-pub fn run_search(
-    steps: &mut dyn DecoderSteps,
-    mut search: Box<dyn Search>,
-    start: u32,
-    max_new_tokens: usize,
-    cancel: &CancelToken,
-) -> Result<Vec<Hypothesis>, EngineError> {
-    let rows = search.rows();
-    let mut tokens = vec![i64::from(start); rows];
-    for _ in 0..max_new_tokens {
-        cancel.check(search.generated())?;
-        let logits = steps.step(&tokens)?;
+/// One request's search between decoder steps: what to feed next, and when it is done. The
+/// loop below drives one of them; a batching worker ([`super::batch`]) drives several, one step
+/// of each per pass over the weights.
+pub struct Decoding {
+    search: Box<dyn Search>,
+    tokens: Vec<i64>,
+    steps_left: usize,
+    done: bool,
+}
+
+impl Decoding {
+    pub fn new(search: Box<dyn Search>, start: u32, max_new_tokens: usize) -> Self {
+        let tokens = vec![i64::from(start); search.rows()];
+        Self { search, tokens, steps_left: max_new_tokens, done: max_new_tokens == 0 }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token each row feeds to the next step.
+    pub fn tokens(&self) -> &[i64] {
+        &self.tokens
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Stops a request whose client left or whose deadline passed, before its next step.
+    pub fn check(&self, cancel: &CancelToken) -> Result<(), EngineError> {
+        cancel.check(self.search.generated())
+    }
+
+    /// Consumes one step's logits (`rows x vocab`). Returns the rows' parents when beam search
+    /// reordered them: the caller reorders its caches before the next step.
+    pub fn advance(&mut self, logits: &[f32]) -> Result<Option<&[usize]>, EngineError> {
+        let rows = self.rows();
         let vocab = logits.len() / rows;
         if vocab == 0 || logits.len() != rows * vocab {
             return Err(EngineError::Model(format!("a step gave {} logits for {rows} rows", logits.len())));
         }
-        if search.advance(logits, vocab) {
-            break;
+        self.steps_left -= 1;
+        if self.search.advance(logits, vocab) || self.steps_left == 0 {
+            self.done = true;
+            return Ok(None);
         }
-        if let Some(parents) = search.parents() {
+        self.tokens.copy_from_slice(self.search.next_tokens());
+        Ok(self.search.parents())
+    }
+
+    pub fn finish(self) -> Vec<Hypothesis> {
+        self.search.finish()
+    }
+}
+
+/// The decode loop shared by every backend and search strategy: at most `max_new_tokens`
+/// steps, checking `cancel` (client gone, deadline) before each.
+pub fn run_search(
+    steps: &mut dyn DecoderSteps,
+    search: Box<dyn Search>,
+    start: u32,
+    max_new_tokens: usize,
+    cancel: &CancelToken,
+) -> Result<Vec<Hypothesis>, EngineError> {
+    let mut decoding = Decoding::new(search, start, max_new_tokens);
+    while !decoding.done() {
+        decoding.check(cancel)?;
+        let logits = steps.step(decoding.tokens())?;
+        if let Some(parents) = decoding.advance(logits)? {
             steps.reorder(parents)?;
         }
-        tokens.copy_from_slice(search.next_tokens());
     }
-    Ok(search.finish())
+    Ok(decoding.finish())
 }
 
 #[cfg(test)]

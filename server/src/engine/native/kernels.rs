@@ -15,6 +15,9 @@ pub struct QuantMatrix {
     pub cols: usize,
     pub data: Vec<i8>,
     pub scales: Vec<f32>,
+    /// Per row, the sum of its int8 weights (the batched VNNI kernel feeds x + 128 as unsigned
+    /// bytes and takes 128 times this off).
+    pub sums: Vec<i32>,
     /// Read once per use from memory (the decoder step's weights when they are larger than the
     /// caches): prefetched non-temporally, which keeps them from evicting what does fit.
     pub streamed: bool,
@@ -87,11 +90,13 @@ impl QuantMatrix {
         let mut data = Vec::with_capacity(rows * cols);
         let mut scales = Vec::with_capacity(rows);
         let mut q = Vec::with_capacity(cols);
+        let mut sums = Vec::with_capacity(rows);
         for row in w.chunks_exact(cols.max(1)) {
             scales.push(quantize_into(row, &mut q));
+            sums.push(q.iter().map(|&v| i32::from(v)).sum());
             data.extend_from_slice(&q);
         }
-        Self { rows, cols, data, scales, streamed: false }
+        Self { rows, cols, data, scales, sums, streamed: false }
     }
 }
 
@@ -113,6 +118,12 @@ pub trait RowProduct: Sync {
     fn bytes(&self) -> usize;
     /// Rows `first..first + y.len()` of `W x`, on this thread, with the process's kernel.
     fn product_rows(&self, first: usize, x: &QuantVector, y: &mut [f32]);
+    /// The same rows for several vectors (`ys[i]` for `xs[i]`), each result bit for bit the
+    /// one of `product_rows`; by default tile by tile of rows, so the weights come from memory
+    /// once.
+    fn product_rows_batch(&self, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+        tiled_rows(self, first, xs, ys)
+    }
 }
 
 impl RowProduct for QuantMatrix {
@@ -127,6 +138,45 @@ impl RowProduct for QuantMatrix {
     }
     fn product_rows(&self, first: usize, x: &QuantVector, y: &mut [f32]) {
         gemv_rows(self, first, x, y)
+    }
+    fn product_rows_batch(&self, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+        gemv_rows_batch_with(kernel(), self, first, xs, ys)
+    }
+}
+
+/// [`RowProduct::product_rows_batch`] of an int8 matrix with a given kernel (the tests run
+/// each one). VNNI has a kernel of its own that loads each weight block once for four vectors;
+/// the others run their one-vector kernel tile by tile.
+pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+    assert_eq!(xs.len(), ys.len(), "one output per input vector");
+    let rows = ys.first().map_or(0, |y| y.len());
+    assert!(first + rows <= w.rows, "rows out of range");
+    for (x, y) in xs.iter().zip(ys.iter()) {
+        assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
+        assert_eq!(y.len(), rows, "outputs of different lengths");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni {
+        assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
+        use avx2_impl::{CACHE, STREAM};
+        // SAFETY: the CPU runs VNNI (asserted); rows and lengths are asserted above.
+        unsafe {
+            if w.streamed {
+                avx512_impl::gemv_vnni_batch::<STREAM>(w, first, xs, ys)
+            } else {
+                avx512_impl::gemv_vnni_batch::<CACHE>(w, first, xs, ys)
+            }
+        }
+        return;
+    }
+    let mut start = 0;
+    let tile = (TILE_BYTES / w.cols.max(1)).max(4) / 4 * 4;
+    while start < rows {
+        let end = (start + tile).min(rows);
+        for (x, y) in xs.iter().zip(ys.iter_mut()) {
+            gemv_rows_with(kernel, w, first + start, x, &mut y[start..end]);
+        }
+        start = end;
     }
 }
 
@@ -145,6 +195,57 @@ pub fn gemv<M: RowProduct + ?Sized>(w: &M, x: &QuantVector, y: &mut [f32]) {
     let part = w.rows().div_ceil(threads).next_multiple_of(4);
     use rayon::prelude::*;
     y.par_chunks_mut(part).enumerate().for_each(|(i, ys)| w.product_rows(i * part, x, ys));
+}
+
+/// Weight bytes of one tile of a batched product: small enough to stay in the L1 cache while
+/// every vector of the batch passes over it, so a batch reads each weight from memory once.
+const TILE_BYTES: usize = 16 * 1024;
+
+/// `ys[i] = W xs[i]` for a batch of vectors (continuous batching: one decoder step of several
+/// rows). Tile by tile of rows, each vector runs the same kernel on the same rows as [`gemv`]
+/// would, so every result is bit for bit the one of [`gemv`] on that vector alone; only the
+/// weights are read from memory once per tile instead of once per vector. Inside a rayon pool
+/// of more than one thread the rows are split across its threads as in [`gemv`].
+pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+    assert_eq!(xs.len(), ys.len(), "one output per input vector");
+    match xs.len() {
+        0 => return,
+        1 => return gemv(w, xs[0], ys[0]),
+        _ => {}
+    }
+    for (x, y) in xs.iter().zip(ys.iter()) {
+        assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
+        assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
+    }
+    let threads = pool_threads();
+    if threads < 2 || w.bytes() < PARALLEL_MIN_BYTES {
+        return w.product_rows_batch(0, xs, ys);
+    }
+    let part = w.rows().div_ceil(threads).next_multiple_of(4);
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..w.rows().div_ceil(part)).map(|_| Vec::with_capacity(xs.len())).collect();
+    for y in ys.iter_mut() {
+        for (slot, chunk) in parts.iter_mut().zip(y.chunks_mut(part)) {
+            slot.push(chunk);
+        }
+    }
+    use rayon::prelude::*;
+    parts.into_par_iter().enumerate().for_each(|(i, mut ys)| w.product_rows_batch(i * part, xs, &mut ys));
+}
+
+/// Rows `first..first + ys[0].len()` of `W x` for every vector, tile by tile.
+pub fn tiled_rows<M: RowProduct + ?Sized>(w: &M, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+    let rows = ys.first().map_or(0, |y| y.len());
+    let row_bytes = (w.bytes() / w.rows().max(1)).max(1);
+    // Whole 4-row blocks, so each tile keeps the kernels' 4-row path.
+    let tile = (TILE_BYTES / row_bytes).max(4) / 4 * 4;
+    let mut start = 0;
+    while start < rows {
+        let end = (start + tile).min(rows);
+        for (x, y) in xs.iter().zip(ys.iter_mut()) {
+            w.product_rows(first + start, x, &mut y[start..end]);
+        }
+        start = end;
+    }
 }
 
 /// Whether a decoder step's weights (`step_bytes`) are streamed: prefetched non-temporally
@@ -492,6 +593,91 @@ mod avx512_impl {
     }
 
     gemv_kernel!(gemv_vnni, dot64_vnni, "avx512f,avx512bw,avx512vnni");
+
+    /// `ys[n] = W xs[n]`, rows `first..`: four rows at a time, each block of weights loaded
+    /// once for up to four vectors. x + 128 is the unsigned operand (the sign fix-up of the
+    /// one-vector kernel would be per vector), so each sum is off by 128 times the row's weight
+    /// sum, taken off after: the result is the exact integer dot, as in the scalar reference.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn gemv_vnni_batch<const HINT: i32>(
+        w: &QuantMatrix,
+        first: usize,
+        xs: &[&QuantVector],
+        ys: &mut [&mut [f32]],
+    ) {
+        let rows = ys.first().map_or(0, |y| y.len());
+        let mut r = 0;
+        while r < rows {
+            let four = rows - r >= 4;
+            let mut g = 0;
+            while g < xs.len() {
+                let n = (xs.len() - g).min(4);
+                let (x, y) = (&xs[g..g + n], &mut ys[g..g + n]);
+                match (four, n) {
+                    (true, 4) => block::<4, 4, HINT>(w, first, r, x, y),
+                    (true, 3) => block::<4, 3, HINT>(w, first, r, x, y),
+                    (true, 2) => block::<4, 2, HINT>(w, first, r, x, y),
+                    (true, _) => block::<4, 1, HINT>(w, first, r, x, y),
+                    (false, 4) => block::<1, 4, HINT>(w, first, r, x, y),
+                    (false, 3) => block::<1, 3, HINT>(w, first, r, x, y),
+                    (false, 2) => block::<1, 2, HINT>(w, first, r, x, y),
+                    (false, _) => block::<1, 1, HINT>(w, first, r, x, y),
+                }
+                g += n;
+            }
+            r += if four { 4 } else { 1 };
+        }
+    }
+
+    /// Rows `first + r .. first + r + R` for `N` vectors, written at `r..r + R` of each output.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn block<const R: usize, const N: usize, const HINT: i32>(
+        w: &QuantMatrix,
+        first: usize,
+        r: usize,
+        xs: &[&QuantVector],
+        ys: &mut [&mut [f32]],
+    ) {
+        let cols = w.cols;
+        let row = first + r;
+        let base = w.data.as_ptr().add(row * cols);
+        let end = w.data.as_ptr().add(w.data.len());
+        let bias = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [[_mm512_setzero_si512(); N]; R];
+        let mut c = 0;
+        while c < cols {
+            let take = (cols - c).min(64);
+            let mask = if take == 64 { !0u64 } else { (1u64 << take) - 1 };
+            // The next R rows are R * cols bytes ahead: fetch R lines of them per block.
+            let pf = base.wrapping_add(R * cols + R * c);
+            if pf < end {
+                for line in 0..R {
+                    _mm_prefetch::<HINT>(pf.wrapping_add(64 * line));
+                }
+            }
+            // Masked-off columns are 0 in the weights, so x's 128 there adds nothing.
+            let mut xv = [_mm512_setzero_si512(); N];
+            for (v, x) in xv.iter_mut().zip(xs) {
+                *v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x.q.as_ptr().add(c)), bias);
+            }
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let wv = _mm512_maskz_loadu_epi8(mask, base.add(i * cols + c));
+                for (a, v) in acc_row.iter_mut().zip(&xv) {
+                    *a = _mm512_dpbusd_epi32(*a, *v, wv);
+                }
+            }
+            c += 64;
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            let offset = 128i32.wrapping_mul(w.sums[row + i]);
+            let scale = w.scales[row + i];
+            for ((a, x), y) in acc_row.iter().zip(xs).zip(ys.iter_mut()) {
+                let dot = _mm512_reduce_add_epi32(*a).wrapping_sub(offset);
+                y[r + i] = dot as f32 * (scale * x.scale);
+            }
+        }
+    }
     gemv_kernel!(gemv_bw, dot64_bw, "avx512f,avx512bw");
 }
 
@@ -558,6 +744,17 @@ pub(crate) mod testing {
             .collect()
     }
 
+    /// `n` pseudo-random vectors of `cols`, quantized.
+    pub fn vectors(n: usize, cols: usize, seed: u64) -> Vec<super::QuantVector> {
+        (0..n)
+            .map(|b| {
+                let mut x = super::QuantVector::default();
+                x.set(&pseudo_random(cols, seed + b as u64));
+                x
+            })
+            .collect()
+    }
+
     /// Every kernel this CPU runs; the ones it cannot are named on stderr as skipped.
     pub fn supported_kernels() -> Vec<Kernel> {
         let (run, skip): (Vec<Kernel>, Vec<Kernel>) = Kernel::ALL.into_iter().partition(|k| k.supported());
@@ -570,7 +767,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{pseudo_random, supported_kernels};
+    use super::testing::{pseudo_random, supported_kernels, vectors};
     use super::*;
 
     #[test]
@@ -581,6 +778,69 @@ mod tests {
         assert_eq!(parse_cache_size("1024"), Some(1024));
         assert_eq!(parse_cache_size("K"), None);
         assert_eq!(parse_cache_size("12X"), None);
+    }
+
+    #[test]
+    fn a_batched_product_gives_each_vector_its_own_product_bit_for_bit() {
+        // Tiles of 16 KiB: 64 rows of 256 columns, 5 rows of 3000 (rounded down to 4).
+        for (rows, cols, batch) in [(130, 256, 3), (9, 3000, 5), (64, 256, 2), (7, 33, 4), (300, 64, 8)] {
+            let w = QuantMatrix::quantize(rows, cols, &pseudo_random(rows * cols, cols as u64));
+            let xs = vectors(batch, cols, 1000);
+            let mut batched = vec![vec![0f32; rows]; batch];
+            {
+                let refs: Vec<&QuantVector> = xs.iter().collect();
+                let mut outs: Vec<&mut [f32]> = batched.iter_mut().map(Vec::as_mut_slice).collect();
+                gemv_batch(&w, &refs, &mut outs);
+            }
+            for (b, x) in xs.iter().enumerate() {
+                let mut alone = vec![0f32; rows];
+                gemv_scalar(&w, 0, x, &mut alone);
+                assert_eq!(batched[b], alone, "rows {rows} cols {cols} vector {b} of {batch}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_batched_agrees_with_the_scalar_reference() {
+        // Row counts around the 4-row block, vector counts around the 4-vector group, column
+        // counts around the 64-byte block; the widest weights (+-127) and inputs at full range.
+        for (rows, cols, batch) in [(13, 200, 7), (4, 64, 4), (5, 65, 5), (1, 1, 1), (9, 768, 3), (8, 31, 2)] {
+            let mut weights = pseudo_random(rows * cols, 3 * rows as u64);
+            weights[0] = 1.0; // row 0 quantizes to a full +127 where its max is
+            let w = QuantMatrix::quantize(rows, cols, &weights);
+            let xs = vectors(batch, cols, 70);
+            let refs: Vec<&QuantVector> = xs.iter().collect();
+            for kernel in supported_kernels() {
+                // Rows 1.. only, so a wrong row offset shows too.
+                let mut outs = vec![vec![0f32; rows - 1]; batch];
+                let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+                gemv_rows_batch_with(kernel, &w, 1, &refs, &mut slices);
+                for (b, x) in xs.iter().enumerate() {
+                    let mut alone = vec![0f32; rows - 1];
+                    gemv_scalar(&w, 1, x, &mut alone);
+                    assert_eq!(outs[b], alone, "{} rows {rows} cols {cols} vector {b} of {batch}", kernel.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batched_product_splits_across_a_pool_without_changing_a_result() {
+        let (rows, cols, batch) = (520, 512, 3); // 260 KiB: above the split threshold
+        let w = QuantMatrix::quantize(rows, cols, &pseudo_random(rows * cols, 5));
+        let xs = vectors(batch, cols, 50);
+        let refs: Vec<&QuantVector> = xs.iter().collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let mut batched = vec![vec![0f32; rows]; batch];
+        pool.install(|| {
+            let mut outs: Vec<&mut [f32]> = batched.iter_mut().map(Vec::as_mut_slice).collect();
+            gemv_batch(&w, &refs, &mut outs);
+        });
+        for (b, x) in xs.iter().enumerate() {
+            let mut alone = vec![0f32; rows];
+            gemv_scalar(&w, 0, x, &mut alone);
+            assert_eq!(batched[b], alone, "vector {b}");
+        }
     }
 
     #[test]

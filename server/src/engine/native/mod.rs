@@ -17,7 +17,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use kernels::{dot, gelu_new, gemv, gemv_rows, rms_norm, softmax, QuantVector, RowProduct};
+use kernels::{dot, gelu_new, gemv_batch, rms_norm, softmax, QuantVector, RowProduct};
 pub use matrix::WeightFormat;
 pub use weights::DecoderShape;
 use weights::{Layer, Weights};
@@ -44,9 +44,15 @@ pub struct RowCache {
     values: Vec<Vec<f32>>,
 }
 
-/// Reusable buffers of one generation, so a step allocates nothing once they have grown.
+/// Reusable buffers of the rows of one step, so a step allocates nothing once they have grown.
 #[derive(Default)]
 pub struct Scratch {
+    rows: Vec<RowScratch>,
+}
+
+/// One row's buffers.
+#[derive(Default)]
+struct RowScratch {
     hidden: Vec<f32>,
     normed: Vec<f32>,
     qv: QuantVector,
@@ -55,6 +61,41 @@ pub struct Scratch {
     scores: Vec<f32>,
     bias: Vec<f32>,
     ff: Vec<f32>,
+}
+
+/// One row of a batched decoder step ([`NativeDecoder::step_batch`]): the token it is fed,
+/// its self-attention cache, the cross-attention cache of its source, and where the next
+/// token's logits go (vocab entries).
+pub struct StepRow<'a> {
+    pub token: u32,
+    pub cache: &'a mut RowCache,
+    pub cross: &'a CrossCache,
+    pub logits: &'a mut [f32],
+}
+
+/// The input and output a batched matrix product reads and writes in a row's buffers.
+type Operands = fn(&mut RowScratch) -> (&QuantVector, &mut Vec<f32>);
+
+fn into_proj(r: &mut RowScratch) -> (&QuantVector, &mut Vec<f32>) {
+    (&r.qv, &mut r.proj)
+}
+
+fn into_ff(r: &mut RowScratch) -> (&QuantVector, &mut Vec<f32>) {
+    (&r.qv, &mut r.ff)
+}
+
+/// `W qv` into each row's output buffer, the weights read once for all rows ([`gemv_batch`]).
+fn project(w: &matrix::Matrix, rows: &mut [RowScratch], operands: Operands) {
+    let n = w.rows();
+    let (xs, mut ys): (Vec<&QuantVector>, Vec<&mut [f32]>) = rows
+        .iter_mut()
+        .map(|r| {
+            let (x, y) = operands(r);
+            y.resize(n, 0.0);
+            (x, y.as_mut_slice())
+        })
+        .unzip();
+    gemv_batch(w, &xs, &mut ys);
 }
 
 /// T5's relative position bucket for a decoder (causal) self-attention: `distance` = query
@@ -110,15 +151,24 @@ impl NativeDecoder {
         let mut keys = vec![Vec::with_capacity(len * inner); s.layers];
         let mut values = vec![Vec::with_capacity(len * inner); s.layers];
         let mut kv = vec![0f32; len * 2 * inner];
-        // Layer by layer, so one layer's K/V weights stay in cache across all positions; the
-        // positions are split across the pool's threads, if any.
+        // Layer by layer, so one layer's K/V weights stay in cache across all positions, and
+        // CROSS_POSITIONS positions per batched product (each weight block loaded once for
+        // them); the groups are split across the pool's threads, if any.
+        const CROSS_POSITIONS: usize = 4;
         for (i, layer) in self.w.layers.iter().enumerate() {
-            let project = |(qv, out): (&QuantVector, &mut [f32])| gemv_rows(&layer.cross_kv, 0, qv, out);
+            let project = |(qvs, out): (&[QuantVector], &mut [f32])| {
+                let xs: Vec<&QuantVector> = qvs.iter().collect();
+                let mut ys: Vec<&mut [f32]> = out.chunks_mut(2 * inner).collect();
+                layer.cross_kv.product_rows_batch(0, &xs, &mut ys);
+            };
             if kernels::pool_threads() > 1 {
                 use rayon::prelude::*;
-                inputs.par_iter().zip(kv.par_chunks_mut(2 * inner)).for_each(project);
+                inputs
+                    .par_chunks(CROSS_POSITIONS)
+                    .zip(kv.par_chunks_mut(CROSS_POSITIONS * 2 * inner))
+                    .for_each(project);
             } else {
-                inputs.iter().zip(kv.chunks_mut(2 * inner)).for_each(project);
+                inputs.chunks(CROSS_POSITIONS).zip(kv.chunks_mut(CROSS_POSITIONS * 2 * inner)).for_each(project);
             }
             for pos in kv.chunks_exact(2 * inner) {
                 keys[i].extend_from_slice(&pos[..inner]);
@@ -135,92 +185,131 @@ impl NativeDecoder {
 
     /// Feeds one token to one row; writes the next token's logits (vocab entries).
     pub fn step(&self, token: u32, row: &mut RowCache, cross: &CrossCache, sc: &mut Scratch, logits: &mut [f32]) {
+        self.step_batch(&mut [StepRow { token, cache: row, cross, logits }], sc);
+    }
+
+    /// Feeds one token to each row, of one request or of several (continuous batching): each
+    /// matrix is read once for all rows. Every row's arithmetic is the one [`Self::step`]
+    /// does for it alone, bit for bit, so an answer never depends on its neighbours.
+    pub fn step_batch(&self, batch: &mut [StepRow<'_>], sc: &mut Scratch) {
         let s = &self.w.shape;
         let (d, inner, heads) = (s.d_model, s.inner(), s.num_heads);
-        let token = (token as usize).min(s.vocab - 1);
-        sc.hidden.clear();
-        sc.hidden.extend_from_slice(&self.w.embed[token * d..(token + 1) * d]);
-        sc.normed.resize(d, 0.0);
-        sc.ctx.resize(inner, 0.0);
-
-        // Position bias of this query against every cached key (shared by all layers).
-        let t = row.steps;
-        sc.bias.resize(heads * (t + 1), 0.0);
-        for j in 0..=t {
-            let bucket = causal_bucket(t - j, s.num_buckets, s.max_distance);
-            for h in 0..heads {
-                sc.bias[h * (t + 1) + j] = self.w.position_bias[bucket * heads + h];
+        if sc.rows.len() < batch.len() {
+            sc.rows.resize_with(batch.len(), RowScratch::default);
+        }
+        let rows = &mut sc.rows[..batch.len()];
+        for (row, r) in batch.iter().zip(rows.iter_mut()) {
+            let token = (row.token as usize).min(s.vocab - 1);
+            r.hidden.clear();
+            r.hidden.extend_from_slice(&self.w.embed[token * d..(token + 1) * d]);
+            r.normed.resize(d, 0.0);
+            r.ctx.resize(inner, 0.0);
+            // Position bias of this query against every cached key (shared by all layers).
+            let t = row.cache.steps;
+            r.bias.resize(heads * (t + 1), 0.0);
+            for j in 0..=t {
+                let bucket = causal_bucket(t - j, s.num_buckets, s.max_distance);
+                for h in 0..heads {
+                    r.bias[h * (t + 1) + j] = self.w.position_bias[bucket * heads + h];
+                }
             }
         }
 
         for (i, layer) in self.w.layers.iter().enumerate() {
-            self.self_attention(layer, i, row, sc);
-            self.cross_attention(layer, i, cross, sc);
-            self.feed_forward(layer, sc);
+            self.self_attention(layer, i, batch, rows);
+            self.cross_attention(layer, i, batch, rows);
+            self.feed_forward(layer, rows);
         }
-        row.steps += 1;
 
-        rms_norm(&sc.hidden, &self.w.final_norm, s.eps, &mut sc.normed);
-        if s.tied {
-            let scale = (d as f32).powf(-0.5);
-            sc.normed.iter_mut().for_each(|v| *v *= scale);
+        for (row, r) in batch.iter_mut().zip(rows.iter_mut()) {
+            row.cache.steps += 1;
+            rms_norm(&r.hidden, &self.w.final_norm, s.eps, &mut r.normed);
+            if s.tied {
+                let scale = (d as f32).powf(-0.5);
+                r.normed.iter_mut().for_each(|v| *v *= scale);
+            }
+            r.qv.set(&r.normed);
         }
-        sc.qv.set(&sc.normed);
-        gemv(&self.w.lm_head, &sc.qv, logits);
+        let xs: Vec<&QuantVector> = rows.iter().map(|r| &r.qv).collect();
+        let mut ys: Vec<&mut [f32]> = batch.iter_mut().map(|row| &mut *row.logits).collect();
+        gemv_batch(&self.w.lm_head, &xs, &mut ys);
     }
 
-    fn self_attention(&self, layer: &Layer, i: usize, row: &mut RowCache, sc: &mut Scratch) {
+    /// Each row's normed hidden state, quantized into its `qv`.
+    fn norm_rows(&self, weight: &[f32], rows: &mut [RowScratch]) {
+        for r in rows.iter_mut() {
+            rms_norm(&r.hidden, weight, self.w.shape.eps, &mut r.normed);
+            r.qv.set(&r.normed);
+        }
+    }
+
+    fn self_attention(&self, layer: &Layer, i: usize, batch: &mut [StepRow<'_>], rows: &mut [RowScratch]) {
         let s = &self.w.shape;
         let inner = s.inner();
-        rms_norm(&sc.hidden, &layer.self_norm, s.eps, &mut sc.normed);
-        sc.qv.set(&sc.normed);
-        sc.proj.resize(3 * inner, 0.0);
-        gemv(&layer.qkv, &sc.qv, &mut sc.proj);
-        row.keys[i].extend_from_slice(&sc.proj[inner..2 * inner]);
-        row.values[i].extend_from_slice(&sc.proj[2 * inner..]);
-        let len = row.steps + 1;
-        attend(&sc.proj[..inner], &row.keys[i], &row.values[i], len, s, Some(&sc.bias), &mut sc.scores, &mut sc.ctx);
-        self.project_back(&layer.self_out, sc);
+        self.norm_rows(&layer.self_norm, rows);
+        project(&layer.qkv, rows, into_proj);
+        for (row, r) in batch.iter_mut().zip(rows.iter_mut()) {
+            let cache = &mut *row.cache;
+            cache.keys[i].extend_from_slice(&r.proj[inner..2 * inner]);
+            cache.values[i].extend_from_slice(&r.proj[2 * inner..]);
+            let len = cache.steps + 1;
+            attend(
+                &r.proj[..inner],
+                &cache.keys[i],
+                &cache.values[i],
+                len,
+                s,
+                Some(&r.bias),
+                &mut r.scores,
+                &mut r.ctx,
+            );
+        }
+        self.project_back(&layer.self_out, rows);
     }
 
-    fn cross_attention(&self, layer: &Layer, i: usize, cross: &CrossCache, sc: &mut Scratch) {
+    fn cross_attention(&self, layer: &Layer, i: usize, batch: &[StepRow<'_>], rows: &mut [RowScratch]) {
         let s = &self.w.shape;
-        rms_norm(&sc.hidden, &layer.cross_norm, s.eps, &mut sc.normed);
-        sc.qv.set(&sc.normed);
-        sc.proj.resize(s.inner(), 0.0);
-        gemv(&layer.cross_q, &sc.qv, &mut sc.proj);
-        attend(&sc.proj, &cross.keys[i], &cross.values[i], cross.len, s, None, &mut sc.scores, &mut sc.ctx);
-        self.project_back(&layer.cross_out, sc);
+        self.norm_rows(&layer.cross_norm, rows);
+        project(&layer.cross_q, rows, into_proj);
+        for (row, r) in batch.iter().zip(rows.iter_mut()) {
+            let cross = row.cross;
+            attend(&r.proj, &cross.keys[i], &cross.values[i], cross.len, s, None, &mut r.scores, &mut r.ctx);
+        }
+        self.project_back(&layer.cross_out, rows);
     }
 
-    fn feed_forward(&self, layer: &Layer, sc: &mut Scratch) {
+    fn feed_forward(&self, layer: &Layer, rows: &mut [RowScratch]) {
         let s = &self.w.shape;
-        rms_norm(&sc.hidden, &layer.ff_norm, s.eps, &mut sc.normed);
-        sc.qv.set(&sc.normed);
-        sc.ff.resize(layer.ff_in.rows(), 0.0);
-        gemv(&layer.ff_in, &sc.qv, &mut sc.ff);
-        let act = if s.gated_gelu {
-            let (gate, linear) = sc.ff.split_at_mut(s.d_ff);
-            for (g, l) in gate.iter_mut().zip(linear.iter()) {
-                *g = gelu_new(*g) * l;
-            }
-            &sc.ff[..s.d_ff]
-        } else {
-            sc.ff.iter_mut().for_each(|v| *v = v.max(0.0));
-            &sc.ff[..]
-        };
-        sc.qv.set(act);
-        sc.proj.resize(s.d_model, 0.0);
-        gemv(&layer.ff_out, &sc.qv, &mut sc.proj);
-        sc.hidden.iter_mut().zip(&sc.proj).for_each(|(h, p)| *h += p);
+        self.norm_rows(&layer.ff_norm, rows);
+        project(&layer.ff_in, rows, into_ff);
+        for r in rows.iter_mut() {
+            let act = if s.gated_gelu {
+                let (gate, linear) = r.ff.split_at_mut(s.d_ff);
+                for (g, l) in gate.iter_mut().zip(linear.iter()) {
+                    *g = gelu_new(*g) * l;
+                }
+                &r.ff[..s.d_ff]
+            } else {
+                r.ff.iter_mut().for_each(|v| *v = v.max(0.0));
+                &r.ff[..]
+            };
+            r.qv.set(act);
+        }
+        project(&layer.ff_out, rows, into_proj);
+        for r in rows.iter_mut() {
+            r.hidden.iter_mut().zip(&r.proj).for_each(|(h, p)| *h += p);
+        }
     }
 
-    /// `hidden += out_proj(ctx)`.
-    fn project_back(&self, out: &matrix::Matrix, sc: &mut Scratch) {
-        sc.qv.set(&sc.ctx);
-        sc.proj.resize(self.w.shape.d_model, 0.0);
-        gemv(out, &sc.qv, &mut sc.proj);
-        sc.hidden.iter_mut().zip(&sc.proj).for_each(|(h, p)| *h += p);
+    /// `hidden += out_proj(ctx)` for every row.
+    fn project_back(&self, out: &matrix::Matrix, rows: &mut [RowScratch]) {
+        for r in rows.iter_mut() {
+            r.qv.set(&r.ctx);
+        }
+        project(out, rows, into_proj);
+        for r in rows.iter_mut() {
+            r.hidden.iter_mut().zip(&r.proj).for_each(|(h, p)| *h += p);
+        }
     }
 }
 
