@@ -394,15 +394,29 @@ def measure_section(section: Section, args, files: dict, queries: list[str], que
     return section.data
 
 
-def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, work: Path, levels: list[int]) -> tuple[dict, dict]:
-    """qclient bench at several concurrencies (server defaults, cache off), then the cache hit."""
+def load_row(engine: str, concurrency: int, raw: dict) -> dict:
+    """One row of the load table from `qclient bench --json`."""
+    lat = raw["latency_ms"]
+    return dict(engine=engine, concurrency=concurrency, requests=raw["requests"], errors=raw["errors"],
+                throughput_rps=raw["throughput_rps"], p50_ms=lat["median_ms"], p99_ms=lat["p99_ms"],
+                mean_ms=lat["mean_ms"], mean_tokens=raw["server"]["mean_generated_tokens"], raw=raw)
+
+
+def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, work: Path, levels: list[int],
+                 queries: list[str], ct2_dir: Path | None) -> tuple[dict, dict]:
+    """qclient bench at several concurrencies (server defaults, cache off); at the highest, the server without
+    continuous batching and CTranslate2's own batching beside it; then the cache hit."""
     flags = ["--max-new-tokens", str(args.max_new_tokens)]
     conc = dict(description="", rows=[], error=None)
     conc["description"] = (
         f"`qserver --cache-capacity 0 --model {rel(model_dir)}` with its default worker count "
         "({workers}, one per available core, 1 intra-op thread each); `qclient bench --concurrency C "
         f"--requests {args.load_requests} --warmup C {' '.join(flags)}` over one HTTP/2 connection, "
-        f"cycling through the same {args.queries} queries, natural-length greedy decoding.")
+        f"cycling through the same {args.queries} queries, natural-length greedy decoding. At the highest "
+        "concurrency, the same server with `--max-batch-requests 1` (no continuous batching), and CTranslate2's own "
+        "batching on the same queries and CPU budget: `translate_batch` of the same number of requests, "
+        "`max_batch_size` 8, `inter_threads` 2 x `intra_threads` 1, in-process (no RPC), plain greedy (qserver's "
+        "rows are grounded, as shipped).")
     cache = dict(error=None)
     try:
         with QServer(args.qserver, args.qclient, model_dir, ["--cache-capacity", "0"],
@@ -414,10 +428,8 @@ def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, wor
                 raw = server.bench(query_file, "--concurrency", str(c), "--requests", str(args.load_requests),
                                    "--warmup", str(c), *flags)
                 lat = raw["latency_ms"]
-                conc["rows"].append(dict(
-                    concurrency=c, requests=raw["requests"], errors=raw["errors"],
-                    throughput_rps=raw["throughput_rps"], p50_ms=lat["median_ms"], p99_ms=lat["p99_ms"],
-                    mean_ms=lat["mean_ms"], mean_tokens=raw["server"]["mean_generated_tokens"], raw=raw))
+                conc["rows"].append(load_row("qserver", c, raw))
+            top = max(levels, default=0)
             log("cache: the repeated query computed every time (cache off)")
             # Also the tail at fixed work: one query, so answer length cannot spread the percentiles.
             miss = server.bench(repeat_file, "--concurrency", "1", "--requests", str(args.cache_requests),
@@ -425,11 +437,28 @@ def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, wor
             cache.update(miss_median_ms=miss["latency_ms"]["median_ms"], miss_p99_ms=miss["latency_ms"]["p99_ms"],
                          miss_requests=miss["requests"], miss_errors=miss["errors"],
                          miss_tokens=miss["server"]["mean_generated_tokens"])
+        if top:
+            log(f"load: concurrency {top} without continuous batching")
+            with QServer(args.qserver, args.qclient, model_dir, ["--cache-capacity", "0", "--max-batch-requests", "1"],
+                         work / "logs" / "qserver-load-unbatched.log", args.health_timeout) as server:
+                raw = server.bench(query_file, "--concurrency", str(top), "--requests", str(args.load_requests),
+                                   "--warmup", str(top), *flags)
+                conc["rows"].append(load_row("qserver --max-batch-requests 1", top, raw))
     except Exception as e:  # noqa: BLE001
         log(f"FAILED load measurement: {e}")
         conc["error"] = f"{type(e).__name__}: {e}"
         cache["error"] = "not measured: " + conc["error"]
         return conc, cache
+    if top and ct2_dir is not None:
+        log("load: CTranslate2 translate_batch, max_batch_size 8, 2 x 1 threads")
+        try:
+            import engines
+
+            conc["rows"].append(engines.ctranslate2_batched(ct2_dir, model_dir / "tokenizer.json", queries,
+                                                            args.load_requests, args.max_new_tokens))
+        except Exception as e:  # noqa: BLE001
+            log(f"FAILED CTranslate2 batched load: {e}")
+            conc["error"] = f"CTranslate2 batched: {type(e).__name__}: {e}"
     try:
         with QServer(args.qserver, args.qclient, model_dir, [],
                      work / "logs" / "qserver-cache.log", args.health_timeout) as server:
@@ -656,7 +685,8 @@ def main(argv=None) -> int:
 
     # 3. Load and cache on the shipped model.
     if levels or not args.no_cache:
-        conc, cache = measure_load(args, args.model.resolve(), query_file, repeat_file, work, levels)
+        conc, cache = measure_load(args, args.model.resolve(), query_file, repeat_file, work, levels, queries,
+                                   shipped.get("ct2"))
         results["concurrency"] = conc if levels else None
         results["cache_hit"] = None if args.no_cache else cache
 

@@ -121,11 +121,14 @@ def _cell(text: str, limit: int) -> str:
 
 
 def concurrency_table(rows: list[dict]) -> str:
-    out = ["| concurrency | requests | throughput req/s | p50 ms | p99 ms | mean ms | new tokens / request | errors |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| engine | concurrency | requests | throughput req/s | p50 ms | p99 ms | mean ms | new tokens / request "
+           "| errors |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['concurrency']} | {r['requests']} | {r['throughput_rps']:.1f} | {ms(r['p50_ms'])} | "
-                   f"{ms(r['p99_ms'])} | {ms(r['mean_ms'])} | {r['mean_tokens']:.1f} | {r['errors']} |")
+        conc = "—" if r.get("concurrency") is None else r["concurrency"]
+        out.append(f"| {r.get('engine', 'qserver')} | {conc} | {r['requests']} | {r['throughput_rps']:.1f} | "
+                   f"{ms(r['p50_ms'])} | {ms(r['p99_ms'])} | {ms(r['mean_ms'])} | {r['mean_tokens']:.1f} | "
+                   f"{r['errors']} |")
     return "\n".join(out)
 
 
