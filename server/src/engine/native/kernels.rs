@@ -669,6 +669,18 @@ mod avx512_impl {
             }
             c += 64;
         }
+        if R == 4 {
+            // Four rows' sums of one vector in one register (a full reduction per output cost
+            // more than the products for 256 columns); the same exact integers, the same floats.
+            let offsets = _mm_slli_epi32::<7>(_mm_loadu_si128(w.sums.as_ptr().add(row) as *const __m128i));
+            let scales = _mm_loadu_ps(w.scales.as_ptr().add(row));
+            for (n, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+                let dots = _mm_sub_epi32(hsum4(acc[0][n], acc[1][n], acc[2][n], acc[3][n]), offsets);
+                let out = _mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_mul_ps(scales, _mm_set1_ps(x.scale)));
+                _mm_storeu_ps(y[r..r + 4].as_mut_ptr(), out);
+            }
+            return;
+        }
         for (i, acc_row) in acc.iter().enumerate() {
             let offset = 128i32.wrapping_mul(w.sums[row + i]);
             let scale = w.scales[row + i];
@@ -677,6 +689,19 @@ mod avx512_impl {
                 y[r + i] = dot as f32 * (scale * x.scale);
             }
         }
+    }
+
+    /// The sums of the 16 lanes of a, b, c and d, in that order (wrapping, like the scalar sum).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then the same for c and d.
+        let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        // Per 128-bit lane: [sum a, sum b, sum c, sum d] of that lane; then the four lanes added.
+        let s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+        let s = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s))
     }
     gemv_kernel!(gemv_bw, dot64_bw, "avx512f,avx512bw");
 }
