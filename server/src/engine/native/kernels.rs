@@ -57,6 +57,7 @@ fn abs_max(x: &[f32]) -> f32 {
 }
 
 /// Sum of products, in `LANES` partial sums.
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -733,6 +734,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// In-place softmax.
+#[inline]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for v in x.iter_mut() {
