@@ -154,7 +154,8 @@ pub struct Config {
 
     /// Continuous batching: requests each engine worker decodes together, joining and leaving
     /// between decoder steps, so that each step reads the weights once for all of them (native
-    /// decoder only; answers are the same as one at a time). 1 serves one request at a time.
+    /// decoder on int8 weights only; answers are the same as one at a time). 1 serves one
+    /// request at a time.
     #[arg(long, env = "QSERVER_MAX_BATCH_REQUESTS", default_value = "8")]
     pub max_batch_requests: NonZeroUsize,
 

@@ -21,7 +21,7 @@ use super::{
     decode::{new_search, Hypothesis, Search, Special},
     grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
-    native::NativeDecoder,
+    native::{NativeDecoder, WeightFormat},
     native_steps::NativeBackend,
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
@@ -102,7 +102,12 @@ impl OnnxT5 {
             )),
             _ => None,
         };
-        let batch = native.as_ref().map(|native| Batch::new(Arc::clone(native)));
+        // Continuous batching on int8 weights only: the 4-bit kernels have no batched form, and
+        // batching q4 steps tile by tile measured no gain and a worse tail (docs/performance.md).
+        let batch = native
+            .as_ref()
+            .filter(|native| native.weight_format() == WeightFormat::Int8)
+            .map(|native| Batch::new(Arc::clone(native)));
         let decoder: Box<dyn DecoderBackend> = match native {
             Some(native) => Box::new(NativeBackend(native)),
             None => Box::new(OnnxDecoder::load(env, dir, settings)?),
