@@ -253,16 +253,8 @@ impl NativeDecoder {
             cache.keys[i].extend_from_slice(&r.proj[inner..2 * inner]);
             cache.values[i].extend_from_slice(&r.proj[2 * inner..]);
             let len = cache.steps + 1;
-            attend(
-                &r.proj[..inner],
-                &cache.keys[i],
-                &cache.values[i],
-                len,
-                s,
-                Some(&r.bias),
-                &mut r.scores,
-                &mut r.ctx,
-            );
+            let at = Positions { keys: &cache.keys[i], values: &cache.values[i], len, bias: Some(&r.bias) };
+            attend(&r.proj[..inner], &at, s, &mut r.scores, &mut r.ctx);
         }
         self.project_back(&layer.self_out, rows);
     }
@@ -273,7 +265,8 @@ impl NativeDecoder {
         project(&layer.cross_q, rows, into_proj);
         for (row, r) in batch.iter().zip(rows.iter_mut()) {
             let cross = row.cross;
-            attend(&r.proj, &cross.keys[i], &cross.values[i], cross.len, s, None, &mut r.scores, &mut r.ctx);
+            let at = Positions { keys: &cross.keys[i], values: &cross.values[i], len: cross.len, bias: None };
+            attend(&r.proj, &at, s, &mut r.scores, &mut r.ctx);
         }
         self.project_back(&layer.cross_out, rows);
     }
@@ -313,72 +306,51 @@ impl NativeDecoder {
     }
 }
 
-/// Multi-head attention of one query over `len` cached positions (`[len][inner]`), T5-style:
-/// no 1/sqrt(d_kv) scaling (folded into the weights), an optional bias per head and position.
+/// What one query attends over: `len` cached positions of keys and values (`[len][inner]`),
+/// with an optional bias per head and position (`[heads][len]`).
+struct Positions<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    len: usize,
+    bias: Option<&'a [f32]>,
+}
+
+/// Multi-head attention of one query, T5-style: no 1/sqrt(d_kv) scaling (folded into the
+/// weights).
 ///
 /// Compiled twice: for the build's baseline (SSE2) and with AVX2, chosen at run time. Both
 /// perform the same float operations in the same order (no contraction into FMA), only on
 /// wider registers, so the results are the same to the bit.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    len: usize,
-    s: &DecoderShape,
-    bias: Option<&[f32]>,
-    scores: &mut Vec<f32>,
-    ctx: &mut [f32],
-) {
+fn attend(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { attend_avx2(q, keys, values, len, s, bias, scores, ctx) };
+        return unsafe { attend_avx2(q, at, s, scores, ctx) };
     }
-    attend_body(q, keys, values, len, s, bias, scores, ctx)
+    attend_body(q, at, s, scores, ctx)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    len: usize,
-    s: &DecoderShape,
-    bias: Option<&[f32]>,
-    scores: &mut Vec<f32>,
-    ctx: &mut [f32],
-) {
-    attend_body(q, keys, values, len, s, bias, scores, ctx)
+unsafe fn attend_avx2(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
+    attend_body(q, at, s, scores, ctx)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_body(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    len: usize,
-    s: &DecoderShape,
-    bias: Option<&[f32]>,
-    scores: &mut Vec<f32>,
-    ctx: &mut [f32],
-) {
-    let (dk, inner) = (s.d_kv, s.inner());
+fn attend_body(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
+    let (dk, inner, len) = (s.d_kv, s.inner(), at.len);
     scores.resize(len, 0.0);
     for h in 0..s.num_heads {
         let qh = &q[h * dk..(h + 1) * dk];
         for (j, score) in scores.iter_mut().enumerate() {
-            let k = &keys[j * inner + h * dk..j * inner + (h + 1) * dk];
-            *score = dot(qh, k) + bias.map_or(0.0, |b| b[h * len + j]);
+            let k = &at.keys[j * inner + h * dk..j * inner + (h + 1) * dk];
+            *score = dot(qh, k) + at.bias.map_or(0.0, |b| b[h * len + j]);
         }
         softmax(scores);
         let out = &mut ctx[h * dk..(h + 1) * dk];
         out.fill(0.0);
         for (j, p) in scores.iter().enumerate() {
-            let v = &values[j * inner + h * dk..j * inner + (h + 1) * dk];
+            let v = &at.values[j * inner + h * dk..j * inner + (h + 1) * dk];
             out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x);
         }
     }
@@ -386,7 +358,7 @@ fn attend_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{attend, attend_body, causal_bucket, DecoderShape};
+    use super::{attend, attend_body, causal_bucket, DecoderShape, Positions};
     use crate::engine::native::kernels::testing::pseudo_random;
 
     #[test]
@@ -413,8 +385,9 @@ mod tests {
             let bias = pseudo_random(4 * len, 7);
             for bias in [None, Some(bias.as_slice())] {
                 let (mut fast, mut base) = (vec![0f32; 64], vec![0f32; 64]);
-                attend(&q, &keys, &values, len, &s, bias, &mut Vec::new(), &mut fast);
-                attend_body(&q, &keys, &values, len, &s, bias, &mut Vec::new(), &mut base);
+                let at = Positions { keys: &keys, values: &values, len, bias };
+                attend(&q, &at, &s, &mut Vec::new(), &mut fast);
+                attend_body(&q, &at, &s, &mut Vec::new(), &mut base);
                 assert_eq!(fast, base, "len {len}, bias {}", bias.is_some());
             }
         }
