@@ -62,7 +62,7 @@ fn max_value(part: &[f32]) -> f32 {
 /// NEG_INFINITY when every value is NaN or NEG_INFINITY; INFINITY when one is INFINITY.
 pub fn logsumexp(row: &[f32]) -> f64 {
     let max = max_value(row);
-    if max == f32::INFINITY || max == f32::NEG_INFINITY {
+    if max.is_infinite() {
         return f64::from(max);
     }
     #[cfg(target_arch = "x86_64")]
