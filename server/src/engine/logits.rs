@@ -85,9 +85,8 @@ unsafe fn sum_exp_avx2(row: &[f32], max: f32) -> f64 {
 fn sum_exp(row: &[f32], max: f32) -> f64 {
     use crate::engine::native::kernels::exp;
     const LANES: usize = 8;
-    // x == x is false for NaN only; -inf gives exp's smallest value, about 1e-38: nothing next
-    // to the maximum's 1.
-    let term = |x: f32| if x == x { f64::from(exp(x - max)) } else { 0.0 };
+    // -inf gives exp's smallest value, about 1e-38: nothing next to the maximum's 1.
+    let term = |x: f32| if x.is_nan() { 0.0 } else { f64::from(exp(x - max)) };
     let mut lanes = [0f64; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
