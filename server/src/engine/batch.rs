@@ -97,7 +97,7 @@ impl OnnxT5 {
 impl Batching for OnnxT5 {
     fn join(&mut self, tag: u64, req: &GenerateRequest, cancel: CancelToken) -> Result<(), EngineError> {
         self.in_pool(|engine| {
-            let (states, timed) = engine.prepare(req, &cancel)?.split();
+            let (states, timed) = engine.prepare(req, &cancel)?;
             let search = engine.search_for(req);
             let start = engine.start_token();
             let batch = engine.batch_mut();

@@ -195,9 +195,9 @@ impl OnnxT5 {
         req: &GenerateRequest,
         cancel: &CancelToken,
     ) -> Result<Vec<Hypothesis>, EngineError> {
-        let search = self.search_for(req);
+        let (search, start) = (self.search_for(req), self.start_token());
         let mut steps = self.decoder.begin(encoder_states, search.rows())?;
-        run_search(steps.as_mut(), search, self.config.decoder_start_token_id, req.params.max_new_tokens, cancel)
+        run_search(steps.as_mut(), search, start, req.params.max_new_tokens, cancel)
     }
 
     /// Runs `f` on the native decoder's thread pool when it has one, so that its matrix
@@ -209,18 +209,22 @@ impl OnnxT5 {
         }
     }
 
-    /// Tokenizes and encodes one request.
-    pub(super) fn prepare(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Prepared, EngineError> {
+    /// Tokenizes and encodes one request: the encoder's output, and what the answer reports.
+    pub(super) fn prepare(
+        &mut self,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+    ) -> Result<(DynValue, Timed), EngineError> {
         let started = Instant::now();
         cancel.check(0)?;
         let (ids, truncated) = self.tokenize(req)?;
         let tokenized = Instant::now();
         let states = self.encode(&ids)?;
-        Ok(Prepared { states, started, tokenized, encoded: Instant::now(), input_tokens: ids.len(), truncated })
+        Ok((states, Timed { started, tokenized, encoded: Instant::now(), input_tokens: ids.len(), truncated }))
     }
 
     /// The answer: the hypotheses detokenized, with the request's timings.
-    pub(super) fn answer(&self, prepared: Timed, hyps: &[Hypothesis]) -> Result<Generation, EngineError> {
+    pub(super) fn answer(&self, timed: Timed, hyps: &[Hypothesis]) -> Result<Generation, EngineError> {
         let mut candidates = Vec::with_capacity(hyps.len());
         for h in hyps {
             let text = self.tokenizer.decode(&h.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
@@ -231,14 +235,14 @@ impl OnnxT5 {
             return Err(EngineError::Model("search returned no sequence".into()));
         }
         let timings = Timings {
-            tokenize: prepared.tokenized - prepared.started,
-            encode: prepared.encoded - prepared.tokenized,
-            decode: decoded - prepared.encoded,
-            total: decoded - prepared.started,
+            tokenize: timed.tokenized - timed.started,
+            encode: timed.encoded - timed.tokenized,
+            decode: decoded - timed.encoded,
+            total: decoded - timed.started,
             generated_tokens: candidates[0].tokens,
-            input_tokens: prepared.input_tokens,
+            input_tokens: timed.input_tokens,
         };
-        Ok(Generation { candidates, timings, truncated: prepared.truncated })
+        Ok(Generation { candidates, timings, truncated: timed.truncated })
     }
 
     /// The first decoder token.
@@ -247,17 +251,7 @@ impl OnnxT5 {
     }
 }
 
-/// A request tokenized and encoded, ready for its decoder steps.
-pub(super) struct Prepared {
-    pub states: DynValue,
-    pub started: Instant,
-    pub tokenized: Instant,
-    pub encoded: Instant,
-    pub input_tokens: usize,
-    pub truncated: bool,
-}
-
-/// [`Prepared`] without the encoder output: what the answer reports.
+/// A tokenized and encoded request's timings and input, for its answer.
 #[derive(Clone, Copy)]
 pub(super) struct Timed {
     pub started: Instant,
@@ -265,13 +259,6 @@ pub(super) struct Timed {
     pub encoded: Instant,
     pub input_tokens: usize,
     pub truncated: bool,
-}
-
-impl Prepared {
-    pub fn split(self) -> (DynValue, Timed) {
-        let Prepared { states, started, tokenized, encoded, input_tokens, truncated } = self;
-        (states, Timed { started, tokenized, encoded, input_tokens, truncated })
-    }
 }
 
 impl Engine for OnnxT5 {
@@ -294,7 +281,7 @@ impl Engine for OnnxT5 {
 
 impl OnnxT5 {
     fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
-        let (states, timed) = self.prepare(req, cancel)?.split();
+        let (states, timed) = self.prepare(req, cancel)?;
         let hyps = self.decode(states, req, cancel)?;
         self.answer(timed, &hyps)
     }

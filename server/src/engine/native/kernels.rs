@@ -170,15 +170,7 @@ pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &
         }
         return;
     }
-    let mut start = 0;
-    let tile = (TILE_BYTES / w.cols.max(1)).max(4) / 4 * 4;
-    while start < rows {
-        let end = (start + tile).min(rows);
-        for (x, y) in xs.iter().zip(ys.iter_mut()) {
-            gemv_rows_with(kernel, w, first + start, x, &mut y[start..end]);
-        }
-        start = end;
-    }
+    for_each_tile(w.cols, xs, ys, |row, x, y| gemv_rows_with(kernel, w, first + row, x, y));
 }
 
 /// `y = W x` for a quantized `W` (rows x cols) and `x` (cols). Called inside a rayon pool of
@@ -235,15 +227,26 @@ pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [
 
 /// Rows `first..first + ys[0].len()` of `W x` for every vector, tile by tile.
 pub fn tiled_rows<M: RowProduct + ?Sized>(w: &M, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+    let row_bytes = w.bytes() / w.rows().max(1);
+    for_each_tile(row_bytes, xs, ys, |row, x, y| w.product_rows(first + row, x, y));
+}
+
+/// Runs `product(row, x, y)` for every vector on each tile of rows (`row` the tile's first
+/// output row, `y` its slice of the vector's output), tile after tile.
+fn for_each_tile(
+    row_bytes: usize,
+    xs: &[&QuantVector],
+    ys: &mut [&mut [f32]],
+    mut product: impl FnMut(usize, &QuantVector, &mut [f32]),
+) {
     let rows = ys.first().map_or(0, |y| y.len());
-    let row_bytes = (w.bytes() / w.rows().max(1)).max(1);
     // Whole 4-row blocks, so each tile keeps the kernels' 4-row path.
-    let tile = (TILE_BYTES / row_bytes).max(4) / 4 * 4;
+    let tile = (TILE_BYTES / row_bytes.max(1)).max(4) / 4 * 4;
     let mut start = 0;
     while start < rows {
         let end = (start + tile).min(rows);
         for (x, y) in xs.iter().zip(ys.iter_mut()) {
-            w.product_rows(first + start, x, &mut y[start..end]);
+            product(start, x, &mut y[start..end]);
         }
         start = end;
     }

@@ -98,6 +98,14 @@ fn project(w: &matrix::Matrix, rows: &mut [RowScratch], operands: Operands) {
     gemv_batch(w, &xs, &mut ys);
 }
 
+/// The residual: `hidden += W qv` for every row.
+fn add_projection(w: &matrix::Matrix, rows: &mut [RowScratch]) {
+    project(w, rows, into_proj);
+    for r in rows.iter_mut() {
+        r.hidden.iter_mut().zip(&r.proj).for_each(|(h, p)| *h += p);
+    }
+}
+
 /// T5's relative position bucket for a decoder (causal) self-attention: `distance` = query
 /// position minus key position (>= 0). Same arithmetic (fp32 log) as Hugging Face's
 /// `_relative_position_bucket`, which the ONNX export also baked in.
@@ -288,10 +296,7 @@ impl NativeDecoder {
             };
             r.qv.set(act);
         }
-        project(&layer.ff_out, rows, into_proj);
-        for r in rows.iter_mut() {
-            r.hidden.iter_mut().zip(&r.proj).for_each(|(h, p)| *h += p);
-        }
+        add_projection(&layer.ff_out, rows);
     }
 
     /// `hidden += out_proj(ctx)` for every row.
@@ -299,10 +304,7 @@ impl NativeDecoder {
         for r in rows.iter_mut() {
             r.qv.set(&r.ctx);
         }
-        project(out, rows, into_proj);
-        for r in rows.iter_mut() {
-            r.hidden.iter_mut().zip(&r.proj).for_each(|(h, p)| *h += p);
-        }
+        add_projection(out, rows);
     }
 }
 
