@@ -12,7 +12,9 @@ below from the training rows' own entities and property phrases (never from held
 - lowercase:  a training question lowercased, punctuation dropped -> its target, names as written
 - misspelled: a training question with typos in its non-name words -> its target; sometimes a
               typo in a name too, and the target keeps the name spelled right
-- long:       a training or single-fact question inside sentences of context -> its target
+- comparison: 'is X taller than Y' -> 'X Height | Y Height' (two entities sharing a property phrase)
+- long:       a training, single-fact or comparison question inside sentences of context -> its
+              target; the context is sometimes joined to the question by a comma
 - open:       how-to, shopping and open questions -> unchanged (the words that matter are all there)
 
 Open and long rows fill their slots half the time from open pools (the training questions'
@@ -64,6 +66,30 @@ PROPERTY_QUESTIONS: dict[str, list[str]] = {
     "Temperature": ["how hot is {x}", "what is the temperature of {x}"],
     "Distance": ["how far is {x}", "what is the distance of {x}"],
 }
+# Two entities compared on a property the corpus names: the comparative people write for it.
+COMPARATIVES: dict[str, list[str]] = {
+    "Population": ["more populous", "more populated", "bigger by population"],
+    "Area": ["bigger", "larger", "bigger in area"],
+    "Area km²": ["larger in square kilometers"],
+    "Established": ["older", "established earlier"],
+    "Founded": ["older", "founded earlier"],
+    "Birth Date": ["older", "born earlier", "younger"],
+    "Height": ["taller", "higher"],
+    "Elevation": ["higher", "higher above sea level"],
+    "Length": ["longer"],
+    "Depth": ["deeper"],
+    "Weight": ["heavier", "lighter"],
+    "Membership": ["bigger by membership"],
+    "Release Date": ["released earlier", "newer"],
+    "Publication Date": ["published earlier", "newer"],
+    "Speakers": ["more widely spoken", "spoken by more people"],
+    "Wingspan": ["wider in wingspan"],
+    "Distance": ["farther away"],
+    "Temperature": ["hotter", "colder"],
+}
+COMPARISON_QUESTIONS = ["is {a} {adj} than {b}", "which one is {adj}, {a} or {b}", "{a} or {b}: which is {adj}",
+                        "what is {adj}, {a} or {b}", "{a} vs {b}, which is {adj}", "tell me if {a} is {adj} than {b}",
+                        "between {a} and {b}, which is {adj}", "do you know whether {a} is {adj} than {b}"]
 # Any other property phrase P of entity X.
 GENERIC_QUESTIONS = ["what is the {p} of {x}", "tell me the {p} of {x}", "whats the {p} of {x}",
                      "{x} {p}?", "do you know the {p} of {x}", "I need the {p} of {x}"]
@@ -80,7 +106,12 @@ CONTEXT_BEFORE = [
 CONTEXT_AFTER = [
     "Thanks in advance!", "I need it for my homework.", "Any help is appreciated.",
     "Please keep it short.", "I could not find it anywhere.", "Just curious.",
+    "A link to a reference would be great.", "Please cite where it comes from.", "Quick answer please.",
 ]
+# Context written as the start of the question's own sentence ('While making a poster, how tall is X?').
+CONTEXT_LEADS = ["While {doing},", "Since {subject} {verb_past} me {when},", "Before my exam tomorrow,",
+                 "Out of curiosity,", "For {subject}'s homework,", "As part of {doing},", "Just wondering,",
+                 "Random thought {when}:", "Because of a debate {when},", "For a short quiz at work,"]
 
 OPEN_TEMPLATES = [
     "how to {task}", "how do I {task}", "how can I {task} at home", "best way to {task}",
@@ -229,15 +260,41 @@ def lowercase_words(train: list[Example], min_count: int = 2) -> list[str]:
 class TrafficMaker:
     """Makes traffic-shaped rows for one epoch; a pure function of (train, seed, epoch)."""
 
-    KINDS = ("single", "keyword", "lowercase", "misspelled", "long", "open")
+    KINDS = ("single", "comparison", "keyword", "lowercase", "misspelled", "long", "open")
 
     def __init__(self, train: list[Example], facts: Facts, names: NameFactory, aug_rate: float, seed: int):
         self.train, self.facts, self.names, self.aug_rate = train, facts, names, aug_rate
         self.rng = random.Random(seed)
         self.pool = lowercase_words(train)
+        self.comparable = sorted({p for _, p in facts.pairs if p in COMPARATIVES})
 
     def _entity(self, name: str) -> str:
-        return self.names.any_name(name) if self.rng.random() < self.aug_rate else name
+        if self.rng.random() >= self.aug_rate:
+            return name
+        return self._title() if self.rng.random() < 0.08 else self.names.any_name(name)
+
+    def _title(self) -> str:
+        """A name with small words inside, as titles have ('The Quiet Harbour', 'Ink and Ember'):
+        the whole title is the name, not two names joined by 'and'."""
+        w = self.names.word
+        return self.rng.choice([f"{w()} and {w()}", f"The {w()} {w()}", f"{w()} of the {w()}", f"The {w()}s"])
+
+    def comparison(self) -> Example:
+        rng = self.rng
+        if not self.comparable:
+            return self.single()
+        prop = rng.choice(self.comparable)
+        names = [n for n, p in self.facts.pairs if p == prop]
+        a, b = (self._entity(n) for n in rng.sample(names, 2)) if len(names) >= 2 else (self._entity(names[0]),) * 2
+        if a == b:
+            return self.single()
+        q = rng.choice(COMPARISON_QUESTIONS).format(a=a, b=b, adj=rng.choice(COMPARATIVES[prop]))
+        return self._styled(q, (f"{a} {prop}", f"{b} {prop}"), "comparison")
+
+    def _question(self) -> Example:
+        """A question of the kinds the other shapes are made of: the corpus's, single-fact or comparison."""
+        r = self.rng.random()
+        return self._corpus_row() if r < 0.5 else self.single() if r < 0.75 else self.comparison()
 
     def single(self) -> Example:
         rng = self.rng
@@ -270,7 +327,7 @@ class TrafficMaker:
         return augment(self.rng.choice(self.train), self.names, self.aug_rate)
 
     def lowercase(self) -> Example:
-        ex = self._corpus_row()
+        ex = self._question()
         q = ex.query.lower()
         if self.rng.random() < 0.7:
             q = _unpunctuate(q)
@@ -281,7 +338,7 @@ class TrafficMaker:
 
     def misspelled(self) -> Example:
         rng = self.rng
-        ex = rng.choice(self.train) if rng.random() < 0.3 else self._corpus_row()
+        ex = rng.choice(self.train) if rng.random() < 0.3 else self._question()
         name_words = {w.lower() for m in find_mentions(ex) for w in m.query_text.split()}
         words = ex.query.split()
         plain = [i for i, w in enumerate(words) if len(w) >= 4 and w.lower().strip("?,.!") not in name_words]
@@ -299,10 +356,15 @@ class TrafficMaker:
         return Example(q, ex.subqueries, "misspelled")
 
     def long(self) -> Example:
-        """A corpus question or a single-fact one inside sentences of context."""
+        """A question inside sentences of context, or led into by a clause of context."""
         rng = self.rng
-        ex = self._corpus_row() if rng.random() < 0.6 else self.single()
-        parts = [self._context(CONTEXT_BEFORE, CONTEXT_FRAMES), ex.query]
+        ex = self._question()
+        if rng.random() < 0.3:
+            lead = self._fill(rng.choice(CONTEXT_LEADS))
+            q = ex.query if rng.random() < 0.5 else ex.query[:1].upper() + ex.query[1:]
+            parts = [lead, q]
+        else:
+            parts = [self._context(CONTEXT_BEFORE, CONTEXT_FRAMES), ex.query]
         if rng.random() < 0.2:
             parts.insert(0, self._context(CONTEXT_BEFORE, CONTEXT_FRAMES))
         if rng.random() < 0.5:
@@ -316,14 +378,18 @@ class TrafficMaker:
         if r < 0.3:
             return rng.choice(fixed)
         if r < 0.8:
-            subject = rng.choice(SUBJECTS)
-            return rng.choice(frames).format(
-                Opener=rng.choice(OPENERS), subject=subject, subject_cap=subject[:1].upper() + subject[1:],
-                verb_past=rng.choice(VERBS_PAST), verb_past2=rng.choice(VERBS_PAST2), when=rng.choice(WHENS),
-                doing=rng.choice(DOINGS), need=rng.choice(NEEDS), name=self.names.word(), topic=self._noun())
+            return self._fill(rng.choice(frames))
         words = [self._noun() if rng.random() < 0.4 else rng.choice(self.pool) for _ in range(rng.randint(4, 9))]
         text = " ".join(words)
         return text[:1].upper() + text[1:] + rng.choice([".", ".", "!", "..."])
+
+    def _fill(self, frame: str) -> str:
+        rng = self.rng
+        subject = rng.choice(SUBJECTS)
+        return frame.format(
+            Opener=rng.choice(OPENERS), subject=subject, subject_cap=subject[:1].upper() + subject[1:],
+            verb_past=rng.choice(VERBS_PAST), verb_past2=rng.choice(VERBS_PAST2), when=rng.choice(WHENS),
+            doing=rng.choice(DOINGS), need=rng.choice(NEEDS), name=self.names.word(), topic=self._noun())
 
     def _noun(self) -> str:
         """A noun phrase the model cannot have memorised: a listed noun, a word of the training
@@ -353,7 +419,10 @@ class TrafficMaker:
     def rows(self, n: int) -> list[Example]:
         # Copying lowercase names and leaving search-form queries alone took the longest to learn.
         # Long and open rows were raised from 0.12 and 0.14 when their slots went open-vocabulary.
-        weights = {"single": 0.18, "keyword": 0.16, "lowercase": 0.2, "misspelled": 0.14, "long": 0.16, "open": 0.16}
+        # Comparison rows were added beside the corpus's own comparisons, in the plainer forms
+        # people type; long rows took more weight when their questions went beyond the corpus's.
+        weights = {"single": 0.15, "comparison": 0.08, "keyword": 0.14, "lowercase": 0.17, "misspelled": 0.14,
+                   "long": 0.19, "open": 0.13}
         kinds = self.rng.choices(list(weights), weights=list(weights.values()), k=n)
         return [getattr(self, kind)() for kind in kinds]
 

@@ -6,7 +6,8 @@ import pytest
 from qr_train.corpus import load_splits
 from qr_train.entities import collect_names
 from qr_train.grounding import fold, query_words
-from qr_train.traffic import NOUNS, PRODUCTS, TASKS, THINGS, WHO, Facts, TrafficMaker, epoch_rows, lowercase_words
+from qr_train.traffic import (COMPARATIVES, CONTEXT_LEADS, NOUNS, PRODUCTS, TASKS, THINGS, WHO, Facts, TrafficMaker, epoch_rows,
+                              lowercase_words)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,27 @@ def test_lowercase_words_are_lowercase_and_seen_twice():
     rows = [Example("What is the elevation of Mount Cook?", ("Mount Cook Elevation",)),
             Example("Is the elevation of Ben Nevis higher?", ("Ben Nevis Elevation",))]
     assert lowercase_words(rows) == ["elevation", "the"]
+
+
+def test_comparison_rows_ask_one_property_of_two_named_entities(rows):
+    comparisons = [r for r in rows if r.kind == "comparison"]
+    assert len(comparisons) > 30
+    for r in comparisons:
+        assert len(r.subqueries) == 2, r
+        prop = next(p for p in COMPARATIVES if all(s.endswith(" " + p) for s in r.subqueries))
+        names = [s[: -len(prop) - 1] for s in r.subqueries]
+        assert names[0] != names[1] and all(n in r.query for n in names), r
+
+
+def test_long_rows_also_lead_into_the_question_with_a_clause(rows):
+    """Some context is a clause of the question's own sentence ('Out of curiosity, how tall is X?'),
+    not a sentence of its own."""
+    led = [r for r in rows if r.kind == "long" and re.match(r"^[^.!?]+, [A-Za-z]", r.query)
+           and r.query.split(", ", 1)[0] + "," in {lead.split("{")[0].strip() for lead in CONTEXT_LEADS}]
+    assert led, "no long row starts with a fixed leading clause"
+
+
+def test_some_names_are_titles_with_small_words_inside(rows):
+    """'Ink and Ember Publication Date' is one name: the model must not split it at 'and'."""
+    titles = [s for r in rows for s in r.subqueries if re.match(r"^\S+ (and|of the) \S+ ", s) or s.startswith("The ")]
+    assert titles
