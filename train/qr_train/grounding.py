@@ -401,8 +401,8 @@ class GroundingState:
 # ---------------------------------------------------------------------------------------------
 
 def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
-    """The training split plus one epoch of traffic rows but the open ones (the model learns from
-    both), and validation."""
+    """The training split plus one epoch of traffic rows but the open and misspelled ones (the
+    model learns from both), and validation."""
     from .entities import collect_names
     from .traffic import Facts, epoch_rows
 
@@ -411,8 +411,12 @@ def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
     traffic = epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=1, aug_rate=0.0,
                          n=len(train) // 2)
     # Open rows echo their query, whose slots hold filler and invented words (traffic.py): nothing
-    # generative, and no names worth correcting a typo towards.
-    return train + [r for r in traffic if r.kind != "open"], splits["validation"]
+    # generative, and no names worth correcting a typo towards. Misspelled rows' targets are
+    # training targets (their words are known already), but a name whose query spelling has a
+    # typo is absent from that query, so it would enter the generative vocabulary: 'Melbourne'
+    # or 'Shakespeare' could then be written for any query. A misspelled name is the known-words
+    # rule's to correct (near a query word), never the generative vocabulary's.
+    return train + [r for r in traffic if r.kind not in ("open", "misspelled")], splits["validation"]
 
 
 def learn(train: list[Example], min_targets: int = 1) -> dict:

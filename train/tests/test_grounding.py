@@ -98,3 +98,16 @@ def test_guards_are_tightened_only_while_validation_references_survive():
     loosest = {"max_subquery_words": 12, "max_word_repeats": 3, "no_repeat_ngram": 4, "max_subqueries": 9}
     assert g.choose_guards(loosest, val) == {"max_subquery_words": 6, "max_word_repeats": 2, "no_repeat_ngram": 2,
                                              "max_subqueries": 2}
+
+
+def test_traffic_rows_add_no_generative_word(corpus_path):
+    """The generative vocabulary is what the model may write anywhere. Traffic rows' targets are
+    property phrases of the training split and names copied from their own query, so they add
+    nothing to it; misspelled rows would (the right spelling of a name is absent from a query
+    with a typo in it), turning 'Melbourne' or 'Shakespeare' into words any answer may hold."""
+    from qr_train.corpus import load_splits
+    train = load_splits(corpus_path)["train"]
+    rows, _ = g.training_rows(corpus_path)
+    assert len(rows) > len(train)
+    added = set(g.learn(rows)["generative_words"]) - set(g.learn(train)["generative_words"])
+    assert not added, sorted(added)[:20]
