@@ -400,9 +400,9 @@ class GroundingState:
 # Building the file from the training data.
 # ---------------------------------------------------------------------------------------------
 
-def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
-    """The training split plus one epoch of traffic rows but the open and misspelled ones (the
-    model learns from both), and validation."""
+def training_rows(corpus: Path) -> tuple[list[Example], list[Example], list[Example]]:
+    """The training split; one epoch of traffic rows but the open and misspelled ones (the model
+    learns from both); and validation."""
     from .entities import collect_names
     from .traffic import Facts, epoch_rows
 
@@ -416,16 +416,26 @@ def training_rows(corpus: Path) -> tuple[list[Example], list[Example]]:
     # typo is absent from that query, so it would enter the generative vocabulary: 'Melbourne'
     # or 'Shakespeare' could then be written for any query. A misspelled name is the known-words
     # rule's to correct (near a query word), never the generative vocabulary's.
-    return train + [r for r in traffic if r.kind not in ("open", "misspelled")], splits["validation"]
+    return train, [r for r in traffic if r.kind not in ("open", "misspelled")], splits["validation"]
 
 
-def learn(train: list[Example], min_targets: int = 1) -> dict:
-    """The file's content: vocabularies and guard sizes from the training targets."""
+# A generative word must be written, not copied, in at least this many distinct training targets.
+# Properties, relations and types recur ('Birth Date', 'Located In'); a word written in one
+# target only is that row's world knowledge ('The Lord of the Rings Frodo | ... Gandalf'), and
+# allowing it everywhere let the model answer 'mona lisa Frodo | mona lisa Aragorn' (docs/grounding.md).
+MIN_TARGETS = 2
+
+
+def learn(train: list[Example], traffic: Sequence[Example] = (), min_targets: int = MIN_TARGETS) -> dict:
+    """The file's content: vocabularies and guard sizes from the training targets. Traffic rows
+    add known words and guard sizes, never generative words: they reuse the training split's
+    property phrases in new targets, which would count one row's phrase many times over."""
     generative: dict[bytes, set] = defaultdict(set)
     known: set[bytes] = set()
     max_words, max_repeats, max_subs, ngram = 1, 1, 1, 2
-    for ex in train:
-        in_query = query_words(ex.query)
+    rows = list(train) + list(traffic)
+    for i, ex in enumerate(rows):
+        in_query = query_words(ex.query) if i < len(train) else None
         max_subs = max(max_subs, len(ex.subqueries))
         for sub in ex.subqueries:
             words = sub.split()
@@ -434,10 +444,10 @@ def learn(train: list[Example], min_targets: int = 1) -> dict:
             max_repeats = max(max_repeats, max(folded.count(f) for f in folded))
             for f in folded:
                 known.add(f)
-                if f not in in_query:
+                if in_query is not None and f not in in_query:
                     generative[f].add(ex.subqueries)
     # The smallest n-gram size that no training subquery repeats.
-    while any(_repeats_ngram([fold(w) for w in s.split()], ngram) for ex in train for s in ex.subqueries):
+    while any(_repeats_ngram([fold(w) for w in s.split()], ngram) for ex in rows for s in ex.subqueries):
         ngram += 1
     return {
         "version": 1,
@@ -482,8 +492,8 @@ def choose_guards(loosest: dict, val: list[Example]) -> dict:
 
 
 def write(model_dir: Path, corpus: Path = DEFAULT_CORPUS) -> tuple[Path, dict]:
-    train, val = training_rows(corpus)
-    data = learn(train)
+    train, traffic, val = training_rows(corpus)
+    data = learn(train, traffic)
     data["guards"] = choose_guards(data["guards"], val)
     path = Path(model_dir) / FILE_NAME
     path.write_text(json.dumps(data, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")

@@ -100,14 +100,27 @@ def test_guards_are_tightened_only_while_validation_references_survive():
                                              "max_subqueries": 2}
 
 
-def test_traffic_rows_add_no_generative_word(corpus_path):
-    """The generative vocabulary is what the model may write anywhere. Traffic rows' targets are
-    property phrases of the training split and names copied from their own query, so they add
-    nothing to it; misspelled rows would (the right spelling of a name is absent from a query
-    with a typo in it), turning 'Melbourne' or 'Shakespeare' into words any answer may hold."""
-    from qr_train.corpus import load_splits
-    train = load_splits(corpus_path)["train"]
-    rows, _ = g.training_rows(corpus_path)
-    assert len(rows) > len(train)
-    added = set(g.learn(rows)["generative_words"]) - set(g.learn(train)["generative_words"])
-    assert not added, sorted(added)[:20]
+def test_traffic_rows_add_known_words_but_no_generative_word(corpus_path):
+    """The generative vocabulary is what the model may write anywhere. Traffic rows reuse the
+    training split's property phrases in new targets (counting one row's phrase many times) and
+    misspelled ones lack the right spelling of their names in the query ('Melbourne' would become
+    a word any answer may hold), so they feed only the known words and the guard sizes."""
+    train, traffic, _ = g.training_rows(corpus_path)
+    assert traffic and not any(r.kind in ("open", "misspelled") for r in traffic)
+    alone, both = g.learn(train), g.learn(train, traffic)
+    assert both["generative_words"] == alone["generative_words"]
+    assert set(both["known_words"]) > set(alone["known_words"])
+
+
+def test_a_word_written_in_one_target_only_is_not_generative():
+    """'Frodo' written once (a row's world knowledge) must not become a word any answer may hold;
+    a property written in two distinct targets must."""
+    from qr_train.corpus import Example
+    rows = [Example("Main characters of The Lord of the Rings?",
+                    ("The Lord of the Rings Frodo", "The Lord of the Rings Gandalf")),
+            Example("How tall is Ada Tower?", ("Ada Tower Height",)),
+            Example("Is Bo Bridge taller than Cy Mast?", ("Bo Bridge Height", "Cy Mast Height"))]
+    words = g.learn(rows)["generative_words"]
+    assert "height" in words
+    assert "frodo" not in words and "gandalf" not in words
+    assert "frodo" in g.learn(rows, min_targets=1)["generative_words"]
