@@ -102,9 +102,10 @@ def model_card(model_dir: Path, report: dict, reused_run: bool) -> str:
                 else f"cosine schedule over a {a['minutes']}-minute wall-time budget")
     grounding_note = ("`grounding.json` (grounded decoding and output guards, `docs/grounding.md`: the generative "
                       "vocabulary, the known names and the guard sizes, learned from the training data)")
-    tok_note = ("\n  Given with `--tokenizer`: trained on the training split by `qr_train.tokenizer`. A retrained one\n"
+    tok_source = "Given with `--tokenizer`" if a.get("tokenizer") else "Taken from the `--init` checkpoint"
+    tok_note = (f"\n  {tok_source}: trained on the training split by `qr_train.tokenizer`. A retrained one\n"
                 "  has the same pieces; equal-score pieces may take other ids (trainer order), so retrain\n"
-                "  the model with its tokenizer, never mix the two." if a.get("tokenizer") else "")
+                "  the model with its tokenizer, never mix the two." if a.get("tokenizer") or a.get("init") else "")
     gpu_note = ("\n- This checkpoint: run `d256-aug60` of `train/scripts/device_sweep.sh` (three sizes trained side\n"
                 "  by side on one GPU, `--minutes 7`), fp16 copy brought back, then exported and evaluated on\n"
                 "  CPU by `python -m qr_train.ship --skip-train --run runs/gpu-d256`." if on_gpu and not a.get("init") else "")
