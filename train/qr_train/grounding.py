@@ -410,12 +410,11 @@ def training_rows(corpus: Path) -> tuple[list[Example], list[Example], list[Exam
     train = splits["train"]
     traffic = epoch_rows(train, Facts.from_examples(train), collect_names(train), seed=13, epoch=1, aug_rate=0.0,
                          n=len(train) // 2)
-    # Open rows echo their query, whose slots hold filler and invented words (traffic.py): nothing
-    # generative, and no names worth correcting a typo towards. Misspelled rows' targets are
-    # training targets (their words are known already), but a name whose query spelling has a
-    # typo is absent from that query, so it would enter the generative vocabulary: 'Melbourne'
-    # or 'Shakespeare' could then be written for any query. A misspelled name is the known-words
-    # rule's to correct (near a query word), never the generative vocabulary's.
+    # Open rows echo their query, whose slots hold filler and invented words (traffic.py): no
+    # names worth correcting a typo towards. Misspelled rows' names are spelled right in the
+    # target and wrong in the query; `learn` keeps every traffic row out of the generative
+    # vocabulary, and these stay out of the known words too: they add none (their targets are
+    # the other rows'), and a name is the fuzzy rule's to correct near a query word.
     return train, [r for r in traffic if r.kind not in ("open", "misspelled")], splits["validation"]
 
 
