@@ -87,13 +87,22 @@ _TYPE_WORDS = ["River", "Bridge", "Tower", "University", "Lake", "Mountain", "Is
                "Institute", "Valley", "Bay", "Festival"]
 
 
+# Share of swapped-in training names written with an apostrophe or hyphen inside
+# ("Kea O'Thrommel", "Brasta-Vell"). The corpus has 5 training targets with an apostrophe inside
+# a word, so the model had learnt to stop a name at one: "Shaquille O'Neal" came back "Shaquille O".
+PUNCTUATED_NAME_RATE = 0.06
+
+
 class NameFactory:
     """Invents plausible names ('Vorlasten Bridge', 'Kea Thrommel') from random syllables."""
 
-    def __init__(self, seed: int, real_names: list[str] | None = None, forbidden: set[str] | None = None):
+    def __init__(self, seed: int, real_names: list[str] | None = None, forbidden: set[str] | None = None,
+                 punctuated_rate: float = 0.0):
         self.rng = random.Random(seed)
         self.real_names = real_names or []
         self.forbidden = {f.lower() for f in (forbidden or set())}
+        # 0 draws nothing from the rng, so the probe's names (unseen.py) stay what they were.
+        self.punctuated_rate = punctuated_rate
 
     def word(self) -> str:
         n = self.rng.choice([1, 2, 2, 2, 3, 3])
@@ -123,8 +132,21 @@ class NameFactory:
         name = " ".join(self.rng.choice([w for w in p if w[:1].isupper()] or ["Nova"]) for p in picks)
         return name if name.lower() not in self.forbidden else self.invented()
 
+    def punctuated(self) -> str:
+        """An invented name with an apostrophe or hyphen inside a word, as Irish, French, Italian
+        and double-barrelled names have ("Kea O'Thrommel", "Vel d'Astrua", "Brasta-Vell")."""
+        w = self.word
+        apostrophe = self.rng.choice(["'", "'", "'", "’"])
+        return self.rng.choice([
+            f"{w()} O{apostrophe}{w()}", f"{w()} D{apostrophe}{w()}", f"{w()} d{apostrophe}{w()}",
+            f"{w()} {w()}-{w()}", f"{w()}-{w()}", f"{w()}{apostrophe}s {self.rng.choice(_TYPE_WORDS)}",
+        ])
+
     def any_name(self, like: str | None = None) -> str:
-        """Mostly invented names; some recombined or real names from elsewhere in the corpus."""
+        """Mostly invented names; some recombined or real names from elsewhere in the corpus, and
+        (with `punctuated_rate`) some with an apostrophe or hyphen inside."""
+        if self.punctuated_rate and self.rng.random() < self.punctuated_rate:
+            return self.punctuated()
         r = self.rng.random()
         if self.real_names and r < 0.2:
             return self.rng.choice(self.real_names)

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from tokenizers import Tokenizer
 
 from .corpus import Example
-from .entities import NameFactory, augment
+from .entities import PUNCTUATED_NAME_RATE, NameFactory, augment
 from .tokenizer import EOS_ID
 from .traffic import Facts, epoch_rows
 
@@ -38,7 +38,7 @@ def make_epoch(tok: Tokenizer, train: list[Example], real_names: list[str], seed
                aug_rate: float, traffic_rate: float = 0.0, facts: Facts | None = None) -> list[Pair]:
     """Epoch `epoch`'s pairs; a pure function of its arguments, so workers and inline agree.
     With `traffic_rate` > 0, len(train) * traffic_rate traffic-shaped rows are added (traffic.py)."""
-    names = NameFactory(seed * 100_003 + epoch, real_names)
+    names = NameFactory(seed * 100_003 + epoch, real_names, punctuated_rate=PUNCTUATED_NAME_RATE)
     rows = [augment(ex, names, aug_rate) for ex in train]
     if traffic_rate > 0:
         facts = facts or Facts.from_examples(train)

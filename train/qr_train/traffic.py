@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .corpus import Example
-from .entities import NameFactory, augment, find_mentions
+from .entities import PUNCTUATED_NAME_RATE, NameFactory, augment, find_mentions
 
 # How people ask for a property the corpus names. {x} is the entity.
 PROPERTY_QUESTIONS: dict[str, list[str]] = {
@@ -163,7 +163,16 @@ OPEN_EXTRA_TEMPLATES = [
     "where to buy {noun}", "best {noun} for {who}", "{noun} buying guide", "{noun} vs {noun2}",
     "how much does a {noun} cost", "{adj} {noun} ideas", "what size {noun} do I need",
     "how does a {noun} work", "what causes {noun} to {verb2}", "{verb} {noun} step by step",
+    # Topic questions with no "how": the model read some as property look-ups of a made-up
+    # entity ("benefits of X" -> "benefits of Tributary To River").
+    "benefits of {gerund} {noun}", "{gerund} {noun} benefits", "signs of a broken {noun}", "causes of {noun} {verb2}",
+    "why do {noun}s {verb2}", "why is my {noun} so {adj}", "{adj} {noun} recipes", "{noun} ideas for {who}",
+    "gift ideas for {who}", "is {gerund} good for you", "risks of {gerund} {noun}", "history of the {noun}",
+    "{gerund} tips for {who}", "what to wear for {gerund}", "{noun} near me",
 ]
+# -ing words for the topic templates ("benefits of cycling"). Kept clear of the robustness set.
+GERUNDS = ["walking", "cycling", "swimming", "reading", "cooking", "sailing", "climbing", "baking", "gardening",
+           "fishing", "jogging", "skating", "rowing", "painting", "singing", "fasting", "stretching", "dancing"]
 VERBS_INTRANSITIVE = ["leak", "smell", "squeak", "break", "overheat", "freeze", "shrink", "crack",
                       "rattle", "flicker", "beep", "stop working", "fade", "wobble"]
 ADJECTIVES = ["cheap", "easy", "quick", "healthy", "small", "quiet", "durable", "portable", "modern",
@@ -213,6 +222,14 @@ def typo(word: str, rng: random.Random) -> str:
     if op == 2:
         return word[:i] + word[i] + word[i:]
     return word[:i] + _KEYBOARD.get(word[i].lower(), word[i]) + word[i + 1:]
+
+
+def _lowercase_names(ex: Example) -> tuple[str, ...]:
+    """The example's subqueries with each name written as a lowercased query writes it."""
+    subs = ex.subqueries
+    for m in find_mentions(ex):
+        subs = tuple(re.sub(r"(?<!\w)" + re.escape(m.name) + r"(?!\w)", m.name.lower(), s) for s in subs)
+    return subs
 
 
 def _unpunctuate(text: str) -> str:
@@ -331,10 +348,7 @@ class TrafficMaker:
         q = ex.query.lower()
         if self.rng.random() < 0.7:
             q = _unpunctuate(q)
-        subs = ex.subqueries
-        for m in find_mentions(ex):  # the name as the query now writes it
-            subs = tuple(re.sub(r"(?<!\w)" + re.escape(m.name) + r"(?!\w)", m.name.lower(), s) for s in subs)
-        return Example(q, subs, "lowercase")
+        return Example(q, _lowercase_names(ex), "lowercase")
 
     def misspelled(self) -> Example:
         rng = self.rng
@@ -369,6 +383,9 @@ class TrafficMaker:
             parts.insert(0, self._context(CONTEXT_BEFORE, CONTEXT_FRAMES))
         if rng.random() < 0.5:
             parts.append(self._context(CONTEXT_AFTER, AFTER_FRAMES))
+        if rng.random() < 0.2:
+            # Typed all in lowercase, as chat messages often are: the names too.
+            return Example(" ".join(parts).lower(), _lowercase_names(ex), "long")
         return Example(" ".join(parts), ex.subqueries, "long")
 
     def _context(self, fixed: list[str], frames: list[str]) -> str:
@@ -411,7 +428,7 @@ class TrafficMaker:
         else:
             q = rng.choice(OPEN_EXTRA_TEMPLATES).format(
                 verb=rng.choice(VERBS), noun=self._noun(), noun2=self._noun(), verb2=rng.choice(VERBS_INTRANSITIVE),
-                who=rng.choice(WHO), adj=rng.choice(ADJECTIVES))
+                who=rng.choice(WHO), adj=rng.choice(ADJECTIVES), gerund=rng.choice(GERUNDS))
         if rng.random() < 0.3:
             q = q[:1].upper() + q[1:] + "?"
         return Example(q, echo_target(q), "open")
@@ -429,7 +446,7 @@ class TrafficMaker:
 
 def epoch_rows(train: list[Example], facts: Facts, real_names: list[str], seed: int, epoch: int,
                aug_rate: float, n: int) -> list[Example]:
-    names = NameFactory(seed * 7_919 + epoch, real_names)
+    names = NameFactory(seed * 7_919 + epoch, real_names, punctuated_rate=PUNCTUATED_NAME_RATE)
     return TrafficMaker(train, facts, names, aug_rate, seed * 1_000_003 + epoch).rows(n)
 
 

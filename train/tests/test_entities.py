@@ -1,3 +1,5 @@
+import re
+
 from qr_train.corpus import Example
 from qr_train.entities import NameFactory, augment, find_mentions, substitute
 
@@ -31,3 +33,26 @@ def test_augment_swaps_every_name_in_both_sides():
     for sub in out.subqueries:
         name = sub.rsplit(" Height", 1)[0]
         assert name in out.query
+
+
+_INSIDE = re.compile(r"\w['’-]\w")
+
+
+def test_punctuated_names_have_an_apostrophe_or_hyphen_inside_a_word():
+    names = NameFactory(5)
+    made = [names.punctuated() for _ in range(200)]
+    assert all(_INSIDE.search(n) for n in made), [n for n in made if not _INSIDE.search(n)]
+    assert any("'" in n for n in made) and any("’" in n for n in made) and any("-" in n for n in made)
+
+
+def test_punctuated_rate_sets_the_share_of_such_names_and_zero_draws_none():
+    e = ex("Which is taller, Sky Tower or Auckland Harbour Bridge?", "Sky Tower Height", "Auckland Harbour Bridge Height")
+    always = NameFactory(3, punctuated_rate=1.0)
+    for _ in range(20):
+        out = augment(e, always, rate=1.0)
+        assert all(_INSIDE.search(s.rsplit(" Height", 1)[0]) for s in out.subqueries), out
+        assert all(s.rsplit(" Height", 1)[0] in out.query for s in out.subqueries), out
+    # The default (0) leaves the rng stream as it was, so the unseen-name probe keeps its names.
+    assert [NameFactory(7).any_name() for _ in range(1)] == [NameFactory(7, punctuated_rate=0.0).any_name()]
+    plain = NameFactory(3)
+    assert not any(_INSIDE.search(plain.invented()) for _ in range(300))

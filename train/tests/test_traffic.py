@@ -50,7 +50,7 @@ def test_long_rows_hold_a_question_whose_target_they_keep(rows, train):
     from_corpus = [r for r in long_rows if r.subqueries in queries_of]
     assert 0 < len(from_corpus) < len(long_rows)
     for r in from_corpus:
-        inner = [q for q in queries_of[r.subqueries] if q in r.query]
+        inner = [q for q in queries_of[r.subqueries] if q.lower() in r.query.lower()]
         assert inner and len(r.query) > len(inner[0]), r
 
 
@@ -109,3 +109,32 @@ def test_some_names_are_titles_with_small_words_inside(rows):
     """'Ink and Ember Publication Date' is one name: the model must not split it at 'and'."""
     titles = [s for r in rows for s in r.subqueries if re.match(r"^\S+ (and|of the) \S+ ", s) or s.startswith("The ")]
     assert titles
+
+
+def test_some_names_have_an_apostrophe_or_hyphen_inside_and_come_back_whole(rows):
+    """'Shaquille O'Neal' came back 'Shaquille O': names with an apostrophe inside a word must be
+    in the rows, copied whole into the target."""
+    inside = re.compile(r"\w+(?:['’]\w+)+")
+    punctuated = [r for r in rows if any(inside.search(s) for s in r.subqueries) and r.kind != "misspelled"]
+    assert len(punctuated) >= 20, len(punctuated)
+    for r in punctuated:
+        for s in r.subqueries:
+            for word in inside.findall(s):
+                assert word.lower() in r.query.lower(), r
+
+
+def test_some_long_rows_are_all_lowercase_with_their_names_lowercased_in_the_target(rows):
+    lower = [r for r in rows if r.kind == "long" and r.query == r.query.lower()]
+    assert len(lower) >= 10, len(lower)
+    # A target that starts with a lowercase word starts with the name, written as the query has it.
+    named = [r for r in lower if any(s[:1].islower() for s in r.subqueries)]
+    assert len(named) >= len(lower) // 2, (len(named), len(lower))
+    for r in named:
+        words = query_words(r.query)
+        assert all(fold(s.split()[0]) in words for s in r.subqueries if s[:1].islower()), r
+
+
+def test_open_rows_include_topic_questions_without_how(rows):
+    topic = [r for r in rows if r.kind == "open" and re.match(r"^(benefits|risks|history|signs|causes) of ", r.query, re.I)]
+    assert topic
+    assert all(r.subqueries == (r.query.rstrip("?"),) for r in topic), topic
