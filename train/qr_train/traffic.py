@@ -96,6 +96,20 @@ GENERIC_QUESTIONS = ["what is the {p} of {x}", "tell me the {p} of {x}", "whats 
 # 'how old is X' -> 'X Age' for people (entities with a birth date).
 AGE_QUESTIONS = ["how old is {x}", "what age is {x}", "how old was {x}"]
 
+# 'Is X older than Y' asks Birth Date of people and Founded or Established of organisations;
+# with syllable names alone the model could not tell which (it answered 'Established' for two
+# people). Swapped names for these properties are shaped like the kind of thing they name.
+PERSON_PROPERTIES = {"Birth Date", "Death Date"}
+ORGANISATION_PROPERTIES = {"Founded", "Established", "Membership"}
+FIRST_NAMES = ["Anna", "Marco", "Sofia", "Liam", "Noah", "Emma", "Olivia", "Lucas", "Mia", "Hugo", "Elena", "Mateo",
+               "Clara", "Jonas", "Freya", "Omar", "Aisha", "Kenji", "Priya", "Diego", "Nadia", "Viktor", "Greta",
+               "Henrik", "Maya", "Tariq", "Leila", "Pablo", "Ingrid", "Samuel", "Julia", "Felix", "Zara", "Ivan",
+               "Chloe", "Arjun", "Mei", "Oscar", "Rosa", "Tobias", "Agnes", "Bruno", "Dmitri", "Fatima", "Gustav",
+               "Hana", "Isaac", "Kofi", "Lena", "Magnus", "Nora", "Otto", "Rafael", "Sven", "Theo", "Ursula", "Wanda"]
+ORGANISATION_WORDS = ["Industries", "Group", "Company", "Corporation", "Holdings", "Systems", "Bank", "Airlines",
+                      "Records", "Foods", "Brewery", "Studios", "Works", "Partners", "Trust", "Society", "College",
+                      "Hospital", "Press", "Shipping", "Pharmaceuticals", "Textiles", "Steel", "Railway"]
+
 CONTEXT_BEFORE = [
     "I am writing a school report and need one fact.", "Quick question for a pub quiz tonight:",
     "My friend and I were arguing about this over dinner.", "I was reading an article yesterday and got curious.",
@@ -284,11 +298,25 @@ class TrafficMaker:
         self.rng = random.Random(seed)
         self.pool = lowercase_words(train)
         self.comparable = sorted({p for _, p in facts.pairs if p in COMPARATIVES})
+        self.surnames = sorted({n.split()[-1] for n in facts.people if len(n.split()) >= 2 and n.split()[-1].isalpha()})
 
-    def _entity(self, name: str) -> str:
-        if self.rng.random() >= self.aug_rate:
+    def _entity(self, name: str, prop: str | None = None) -> str:
+        """`name`, or (at aug_rate) another name; shaped like a person's or an organisation's
+        name when the property says which it is."""
+        rng = self.rng
+        if rng.random() >= self.aug_rate:
             return name
-        return self._title() if self.rng.random() < 0.08 else self.names.any_name(name)
+        if prop in PERSON_PROPERTIES and rng.random() < 0.6:
+            return self._person()
+        if prop in ORGANISATION_PROPERTIES and rng.random() < 0.4:
+            return f"{self.names.invented()} {rng.choice(ORGANISATION_WORDS)}"
+        return self._title() if rng.random() < 0.08 else self.names.any_name(name)
+
+    def _person(self) -> str:
+        """A first name people have, and a surname: a real one from the training rows or an invented one."""
+        rng = self.rng
+        surname = rng.choice(self.surnames) if self.surnames and rng.random() < 0.3 else self.names.word()
+        return f"{rng.choice(FIRST_NAMES)} {surname}"
 
     def _title(self) -> str:
         """A name with small words inside, as titles have ('The Quiet Harbour', 'Ink and Ember'):
@@ -302,7 +330,7 @@ class TrafficMaker:
             return self.single()
         prop = rng.choice(self.comparable)
         names = [n for n, p in self.facts.pairs if p == prop]
-        a, b = (self._entity(n) for n in rng.sample(names, 2)) if len(names) >= 2 else (self._entity(names[0]),) * 2
+        a, b = (self._entity(n, prop) for n in rng.sample(names, 2)) if len(names) >= 2 else (self._entity(names[0], prop),) * 2
         if a == b:
             return self.single()
         q = rng.choice(COMPARISON_QUESTIONS).format(a=a, b=b, adj=rng.choice(COMPARATIVES[prop]))
@@ -316,10 +344,10 @@ class TrafficMaker:
     def single(self) -> Example:
         rng = self.rng
         if self.facts.people and rng.random() < 0.08:
-            x = self._entity(rng.choice(self.facts.people))
+            x = self._entity(rng.choice(self.facts.people), "Birth Date")
             return self._styled(rng.choice(AGE_QUESTIONS).format(x=x), (f"{x} Age",), "single")
         name, prop = rng.choice(self.facts.pairs)
-        x = self._entity(name)
+        x = self._entity(name, prop)
         templates = PROPERTY_QUESTIONS.get(prop) or GENERIC_QUESTIONS
         if prop in PROPERTY_QUESTIONS and rng.random() < 0.25:
             templates = GENERIC_QUESTIONS
@@ -336,7 +364,7 @@ class TrafficMaker:
     def keyword(self) -> Example:
         rng = self.rng
         name, prop = rng.choice(self.facts.pairs)
-        x = self._entity(name)
+        x = self._entity(name, prop)
         q = rng.choice([f"{x} {prop}", f"{x} {prop.lower()}", f"{x.lower()} {prop.lower()}", x, f"{prop.lower()} {x}"])
         return Example(q, echo_target(q), "keyword")
 

@@ -6,7 +6,7 @@ import pytest
 from qr_train.corpus import load_splits
 from qr_train.entities import collect_names
 from qr_train.grounding import fold, query_words
-from qr_train.traffic import (COMPARATIVES, CONTEXT_LEADS, NOUNS, PRODUCTS, TASKS, THINGS, WHO, Facts, TrafficMaker, epoch_rows,
+from qr_train.traffic import (COMPARATIVES, CONTEXT_LEADS, FIRST_NAMES, NOUNS, ORGANISATION_WORDS, PRODUCTS, TASKS, THINGS, WHO, Facts, TrafficMaker, epoch_rows,
                               lowercase_words)
 
 
@@ -138,3 +138,19 @@ def test_open_rows_include_topic_questions_without_how(rows):
     topic = [r for r in rows if r.kind == "open" and re.match(r"^(benefits|risks|history|signs|causes) of ", r.query, re.I)]
     assert topic
     assert all(r.subqueries == (r.query.rstrip("?"),) for r in topic), topic
+
+
+def test_names_asked_a_birth_date_look_like_people_and_founding_dates_like_organisations(rows):
+    """'Is X older than Y' means Birth Date for people and Founded for organisations: the swapped
+    names carry the cue (a first name; a word such as 'Holdings')."""
+    def names_with(prop):
+        return [s[: -len(prop) - 1] for r in rows if r.kind in ("single", "comparison")
+                for s in r.subqueries if s.endswith(" " + prop)]
+    born = names_with("Birth Date")
+    founded = names_with("Founded") + names_with("Established")
+    first = set(FIRST_NAMES)
+    assert born and founded
+    assert sum(n.split()[0] in first for n in born) >= len(born) // 3, born[:20]
+    assert not any(n.split()[0] in first for n in founded), [n for n in founded if n.split()[0] in first]
+    organisations = set(ORGANISATION_WORDS)
+    assert sum(n.split()[-1] in organisations for n in founded) >= len(founded) // 5, founded[:20]
