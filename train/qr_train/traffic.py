@@ -93,6 +93,10 @@ COMPARISON_QUESTIONS = ["is {a} {adj} than {b}", "which one is {adj}, {a} or {b}
 # Any other property phrase P of entity X.
 GENERIC_QUESTIONS = ["what is the {p} of {x}", "tell me the {p} of {x}", "whats the {p} of {x}",
                      "{x} {p}?", "do you know the {p} of {x}", "I need the {p} of {x}"]
+# People compared on how long they lived.
+LIFESPAN_QUESTIONS = ["who lived longer, {a} or {b}", "did {a} live longer than {b}", "which one lived longer, {a} or {b}",
+                      "{a} or {b}: who had the longer life", "was {a}'s life longer than {b}'s",
+                      "between {a} and {b}, who lived longer"]
 # 'how old is X' -> 'X Age' for people (entities with a birth date).
 AGE_QUESTIONS = ["how old is {x}", "what age is {x}", "how old was {x}"]
 
@@ -326,6 +330,8 @@ class TrafficMaker:
 
     def comparison(self) -> Example:
         rng = self.rng
+        if self.facts.people and rng.random() < 0.08:
+            return self._lifespan_comparison()
         if not self.comparable:
             return self.single()
         prop = rng.choice(self.comparable)
@@ -335,6 +341,16 @@ class TrafficMaker:
             return self.single()
         q = rng.choice(COMPARISON_QUESTIONS).format(a=a, b=b, adj=rng.choice(COMPARATIVES[prop]))
         return self._styled(q, (f"{a} {prop}", f"{b} {prop}"), "comparison")
+
+    def _lifespan_comparison(self) -> Example:
+        """'Who lived longer, A or B' -> 'A Lifespan | B Lifespan': the corpus asks Lifespan of
+        animals only, and answered the README's first example with 'Length'."""
+        rng = self.rng
+        a, b = (self._entity(n, "Birth Date") for n in rng.sample(self.facts.people, 2))
+        if a == b:
+            return self.single()
+        q = rng.choice(LIFESPAN_QUESTIONS).format(a=a, b=b)
+        return self._styled(q, (f"{a} Lifespan", f"{b} Lifespan"), "comparison")
 
     def _question(self) -> Example:
         """A question of the kinds the other shapes are made of: the corpus's, single-fact or comparison."""

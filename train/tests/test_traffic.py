@@ -154,3 +154,11 @@ def test_names_asked_a_birth_date_look_like_people_and_founding_dates_like_organ
     assert not any(n.split()[0] in first for n in founded), [n for n in founded if n.split()[0] in first]
     organisations = set(ORGANISATION_WORDS)
     assert sum(n.split()[-1] in organisations for n in founded) >= len(founded) // 5, founded[:20]
+
+
+def test_who_lived_longer_asks_the_lifespan_of_both(rows):
+    lived = [r for r in rows if r.kind == "comparison" and re.search(r"lived? longer|longer life", r.query, re.I)]
+    assert len(lived) >= 5, len(lived)
+    for r in lived:
+        assert len(r.subqueries) == 2 and all(s.endswith(" Lifespan") for s in r.subqueries), r
+        assert all(s[: -len(" Lifespan")] in r.query for s in r.subqueries), r
