@@ -12,13 +12,17 @@ below from the training rows' own entities and property phrases (never from held
 - lowercase:  a training question lowercased, punctuation dropped -> its target, names as written
 - misspelled: a training question with typos in its non-name words -> its target; sometimes a
               typo in a name too, and the target keeps the name spelled right
-- comparison: 'is X taller than Y' -> 'X Height | Y Height' (two entities sharing a property phrase)
+- comparison: 'is X taller than Y' -> 'X Height | Y Height' (two entities sharing a property phrase);
+              'who lived longer, A or B' -> 'A Lifespan | B Lifespan' for people
 - long:       a training, single-fact or comparison question inside sentences of context -> its
               target; the context is sometimes joined to the question by a comma
 - open:       how-to, shopping and open questions -> unchanged (the words that matter are all there)
 
 Open and long rows fill their slots half the time from open pools (the training questions'
 lowercase words, invented words), so the model learns to copy or ignore words, not phrases.
+Swapped-in names are shaped like what they name where the property says (a first name for a
+birth date, '... Holdings' for a founding date), and some have an apostrophe or hyphen inside
+("Kea O'Thrommel", entities.PUNCTUATED_NAME_RATE).
 
 "Unchanged" targets are the query's words with the edge punctuation dropped, so every target
 word is grounded in its query (see grounding.py).
