@@ -69,6 +69,12 @@ PROPERTY_QUESTIONS: dict[str, list[str]] = {
     "Coordinates": ["where exactly is {x}", "what are the coordinates of {x}"],
     "Temperature": ["how hot is {x}", "what is the temperature of {x}"],
     "Distance": ["how far is {x}", "what is the distance of {x}"],
+    "Located In Continent": ["which continent is {x} in", "what continent is {x} on", "on which continent is {x}"],
+    "Located In City": ["which city is {x} in", "what city is {x} located in"],
+    "Highest Point": ["what is the highest point of {x}", "what is the highest point in {x}", "highest peak in {x}"],
+    "Independence Date": ["when did {x} become independent", "when did {x} gain independence"],
+    "Salinity": ["how salty is {x}", "what is the salinity of {x}"],
+    "Discovery Date": ["when was {x} discovered", "when did someone discover {x}"],
 }
 # Two entities compared on a property the corpus names: the comparative people write for it.
 COMPARATIVES: dict[str, list[str]] = {
