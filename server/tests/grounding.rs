@@ -168,10 +168,13 @@ async fn evaluate_on_the_shipped_model_invents_nothing_and_never_degenerates() {
         let kinds = |rows: &[pb::MetricRow]| rows.iter().map(|k| (k.name.clone(), k.examples)).collect::<Vec<_>>();
         assert_eq!(kinds(&r.echo_per_kind), kinds(&r.per_kind));
         // A floor under the shipped model's answers (README, "Answers you can trust"; when it was
-        // set the model served ROUGE-L 0.82 on test.jsonl, 0.73 or more in each kind, and 0.92 on
+        // set the model served ROUGE-L 0.84 on test.jsonl, 0.73 or more in each kind, and 0.92 on
         // the robustness set, 0.86 or more in each kind), so a worse model cannot ship silently.
         let (floor, kind_floor) = if name == "test.jsonl" { (0.80, 0.70) } else { (0.90, 0.80) };
-        assert!(overall.rouge_l >= floor && overall.rouge_l > echo.rouge_l, "{name}: {overall:?} against echo {echo:?}");
+        assert!(
+            overall.rouge_l >= floor && overall.rouge_l > echo.rouge_l,
+            "{name}: {overall:?} against echo {echo:?}"
+        );
         for row in &r.per_kind {
             assert!(row.rouge_l >= kind_floor, "{name}: kind {row:?}");
         }
