@@ -27,7 +27,7 @@ from .corpus import DEFAULT_CORPUS, REPO_ROOT, Example, load_labelled_jsonl, loa
 from .greedy import GreedyT5
 from .metrics import MetricTable
 from .onnx_loop import OnnxT5
-from .unseen import copy_rate, unseen_entity_set
+from .unseen import PROBE_SEED, copy_rate, unseen_entity_set
 
 DEFAULT_LABELLED = REPO_ROOT / "datasets" / "test.jsonl"
 DEFAULT_ROBUSTNESS = REPO_ROOT / "datasets" / "robustness.jsonl"
@@ -85,7 +85,7 @@ def evaluate(model_dirs: dict[str, Path], corpus: Path, labelled: Path | None, p
         sets["datasets/test.jsonl"] = load_labelled_jsonl(labelled)
     if robustness and robustness.exists():
         sets["datasets/robustness.jsonl"] = load_labelled_jsonl(robustness)
-    probe = unseen_entity_set(splits["test"], splits["train"], seed=7, limit=probe_size)
+    probe = unseen_entity_set(splits["test"], splits["train"], seed=PROBE_SEED, limit=probe_size)
     report: dict = {"tables": {}, "unseen_entities": {}, "ms_per_query": {}, "predictions": {}}
     first_rules = next((grounding.Rules.load(d) for d in model_dirs.values()), None)
     for set_name, examples in sets.items():

@@ -113,7 +113,7 @@ AGE_QUESTIONS = ["how old is {x}", "what age is {x}", "how old was {x}"]
 # 'Is X older than Y' asks Birth Date of people and Founded or Established of organisations;
 # with syllable names alone the model could not tell which (it answered 'Established' for two
 # people). Swapped names for these properties are shaped like the kind of thing they name.
-PERSON_PROPERTIES = {"Birth Date", "Death Date"}
+PERSON_PROPERTIES = {"Birth Date", "Death Date", "Age", "Lifespan"}
 ORGANISATION_PROPERTIES = {"Founded", "Established", "Membership"}
 FIRST_NAMES = ["Anna", "Marco", "Sofia", "Liam", "Noah", "Emma", "Olivia", "Lucas", "Mia", "Hugo", "Elena", "Mateo",
                "Clara", "Jonas", "Freya", "Omar", "Aisha", "Kenji", "Priya", "Diego", "Nadia", "Viktor", "Greta",
@@ -358,7 +358,7 @@ class TrafficMaker:
         """'Who lived longer, A or B' -> 'A Lifespan | B Lifespan': the corpus asks Lifespan of
         animals only, and answered the README's first example with 'Length'."""
         rng = self.rng
-        a, b = (self._entity(n, "Birth Date") for n in rng.sample(self.facts.people, 2))
+        a, b = (self._entity(n, "Lifespan") for n in rng.sample(self.facts.people, 2))
         if a == b:
             return self.single()
         q = rng.choice(LIFESPAN_QUESTIONS).format(a=a, b=b)
@@ -372,7 +372,7 @@ class TrafficMaker:
     def single(self) -> Example:
         rng = self.rng
         if self.facts.people and rng.random() < 0.08:
-            x = self._entity(rng.choice(self.facts.people), "Birth Date")
+            x = self._entity(rng.choice(self.facts.people), "Age")
             return self._styled(rng.choice(AGE_QUESTIONS).format(x=x), (f"{x} Age",), "single")
         name, prop = rng.choice(self.facts.pairs)
         x = self._entity(name, prop)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from qr_train.corpus import load_splits
-from qr_train.unseen import main, unseen_entity_set
+from qr_train.unseen import PROBE_SEED, main, unseen_entity_set
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def splits(corpus_path):
 
 
 def test_punctuated_probe_names_have_an_apostrophe_or_hyphen_and_sit_in_query_and_target(splits):
-    probe = unseen_entity_set(splits["test"], splits["train"], seed=7, limit=50, punctuated=True)
+    probe = unseen_entity_set(splits["test"], splits["train"], seed=PROBE_SEED, limit=50, punctuated=True)
     assert len(probe) == 50
     in_query = 0
     for ex, names in probe:
@@ -28,10 +28,14 @@ def test_punctuated_probe_names_have_an_apostrophe_or_hyphen_and_sit_in_query_an
 
 
 def test_the_plain_probe_is_what_it_was(splits):
-    """The flag draws nothing when off: the probe whose figures are quoted keeps its names."""
-    plain = unseen_entity_set(splits["test"], splits["train"], seed=7, limit=20)
-    assert plain == unseen_entity_set(splits["test"], splits["train"], seed=7, limit=20, punctuated=False)
-    assert not any(re.search(r"\w['’]\w", n) for _, names in plain for n in names)
+    """The flag draws nothing when off: the probe whose figures are quoted keeps its names (these
+    are the names the code before the flag gave)."""
+    plain = unseen_entity_set(splits["test"], splits["train"], seed=PROBE_SEED, limit=3)
+    assert [n for _, names in plain for n in names] == [
+        "Tämron Diaträsmi Bridge", "Caillean Thakvyl", "Gribrynddeak", "Tarprak Tävkalbrom District", "Sertthur",
+        "Eamthea Stevvi"]
+    more = unseen_entity_set(splits["test"], splits["train"], seed=PROBE_SEED, limit=20)
+    assert not any(re.search(r"\w['’]\w", n) for _, names in more for n in names)
 
 
 def test_score_counts_the_names_found_in_the_answers(tmp_path, corpus_path, capsys):
