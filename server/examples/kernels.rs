@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use qserver::engine::native::{
-    kernels::{gemv_batch, kernel, streams, Kernel, QuantVector, RowProduct},
+    kernels::{gemv_batch, kernel, streams, tiled_rows, Kernel, QuantVector, RowProduct},
     matrix::{Matrix, WeightFormat},
 };
 
@@ -116,8 +116,9 @@ fn main() {
     batched(&mats, rounds);
 }
 
-/// One step's products for 1, 2, 4 and 8 rows at once ([`gemv_batch`]), the sizes interleaved
-/// round by round.
+/// One step's products for 1, 2, 4 and 8 rows at once, the sizes and the two ways interleaved
+/// round by round: the process's kernel as [`gemv_batch`] runs it (a batched kernel where it has
+/// one) and its one-vector kernel tile by tile ([`tiled_rows`]); they must agree bit for bit.
 fn batched(mats: &[Matrix], rounds: usize) {
     const SIZES: [usize; 4] = [1, 2, 4, 8];
     let inputs: Vec<Vec<QuantVector>> = mats
@@ -132,24 +133,36 @@ fn batched(mats: &[Matrix], rounds: usize) {
                 .collect()
         })
         .collect();
-    let mut outputs: Vec<Vec<Vec<f32>>> = mats.iter().map(|m| vec![vec![0f32; m.rows()]; 8]).collect();
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); SIZES.len()];
+    let mut outputs: [Vec<Vec<Vec<f32>>>; 2] =
+        std::array::from_fn(|_| mats.iter().map(|m| vec![vec![0f32; m.rows()]; 8]).collect());
+    let mut times: [Vec<Vec<f64>>; 2] = std::array::from_fn(|_| vec![Vec::new(); SIZES.len()]);
     for round in 0..rounds + 2 {
         for (i, &n) in SIZES.iter().enumerate() {
-            let started = Instant::now();
-            for ((m, xs), ys) in mats.iter().zip(&inputs).zip(outputs.iter_mut()) {
-                let xs: Vec<&QuantVector> = xs[..n].iter().collect();
-                let mut ys: Vec<&mut [f32]> = ys[..n].iter_mut().map(Vec::as_mut_slice).collect();
-                gemv_batch(m, &xs, &mut ys);
+            for (way, (outs, t)) in outputs.iter_mut().zip(times.iter_mut()).enumerate() {
+                let started = Instant::now();
+                for ((m, xs), ys) in mats.iter().zip(&inputs).zip(outs.iter_mut()) {
+                    let xs: Vec<&QuantVector> = xs[..n].iter().collect();
+                    let mut ys: Vec<&mut [f32]> = ys[..n].iter_mut().map(Vec::as_mut_slice).collect();
+                    if way == 0 {
+                        gemv_batch(m, &xs, &mut ys);
+                    } else {
+                        tiled_rows(m, 0, &xs, &mut ys);
+                    }
+                }
+                if round >= 2 {
+                    t[i].push(started.elapsed().as_secs_f64() * 1e3);
+                }
             }
-            if round >= 2 {
-                times[i].push(started.elapsed().as_secs_f64() * 1e3);
-            }
+            assert!(outputs[0] == outputs[1], "the batched kernel and the tiled one disagree at {n} rows");
         }
     }
-    println!("batched products, {} kernel:", kernel().name());
-    for (n, t) in SIZES.iter().zip(times.iter_mut()) {
-        let ms = median(t);
-        println!("  {n} rows  {ms:>8.3} ms/step  {:>8.3} ms/row", ms / *n as f64);
+    println!(
+        "batched products, {} kernel (ms per step; batched kernel, then one-vector kernel tile by tile):",
+        kernel().name()
+    );
+    let [own, tiled] = &mut times;
+    for ((n, a), b) in SIZES.iter().zip(own.iter_mut()).zip(tiled.iter_mut()) {
+        let (ms, tiled_ms) = (median(a), median(b));
+        println!("  {n} rows  {ms:>8.3} ({:>6.3}/row)  tiled {tiled_ms:>8.3}  {:>5.2}x", ms / *n as f64, tiled_ms / ms);
     }
 }

@@ -146,8 +146,8 @@ impl RowProduct for QuantMatrix {
 }
 
 /// [`RowProduct::product_rows_batch`] of an int8 matrix with a given kernel (the tests run
-/// each one). VNNI has a kernel of its own that loads each weight block once for four vectors;
-/// the others run their one-vector kernel tile by tile.
+/// each one). VNNI and AVX2 have kernels of their own that load each weight block once for
+/// several vectors; the others run their one-vector kernel tile by tile.
 pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
     assert_eq!(xs.len(), ys.len(), "one output per input vector");
     let rows = ys.first().map_or(0, |y| y.len());
@@ -166,6 +166,20 @@ pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &
                 avx512_impl::gemv_vnni_batch::<STREAM>(w, first, xs, ys)
             } else {
                 avx512_impl::gemv_vnni_batch::<CACHE>(w, first, xs, ys)
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
+        use avx2_impl::{CACHE, STREAM};
+        // SAFETY: the CPU runs AVX2 (asserted); rows and lengths are asserted above.
+        unsafe {
+            if w.streamed {
+                avx2_impl::gemv_batch::<STREAM>(w, first, xs, ys)
+            } else {
+                avx2_impl::gemv_batch::<CACHE>(w, first, xs, ys)
             }
         }
         return;
@@ -506,6 +520,128 @@ pub(super) mod avx2_impl {
             y[r] = (hsum(acc) + tail(r)) as f32 * (scales[r] * x.scale);
             r += 1;
         }
+    }
+
+    /// `ys[n] = W xs[n]`, rows `first..`: four rows at a time, each 32-byte block of weights
+    /// loaded once for up to four vectors. Each sum is the one-vector kernel's exact integer
+    /// dot, so every result is the scalar reference's bit for bit; what the batch saves is the
+    /// weight loads, x's sign work per row, and (four rows' sums reduced together, [`hsum4`])
+    /// most of the horizontal adds: 1.5x the tiled one-vector kernel at 2-8 vectors on a Zen 3
+    /// (docs/performance.md, session 10). Groups of four beat groups of two (which would keep
+    /// every sum in a register) by 1.15-1.3x in the same run.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemv_batch<const HINT: i32>(
+        w: &QuantMatrix,
+        first: usize,
+        xs: &[&QuantVector],
+        ys: &mut [&mut [f32]],
+    ) {
+        let rows = ys.first().map_or(0, |y| y.len());
+        let mut r = 0;
+        while r < rows {
+            let four = rows - r >= 4;
+            let mut g = 0;
+            while g < xs.len() {
+                let n = (xs.len() - g).min(GROUP);
+                let (x, y) = (&xs[g..g + n], &mut ys[g..g + n]);
+                match (four, n) {
+                    (true, 4) => block::<4, 4, HINT>(w, first, r, x, y),
+                    (true, 3) => block::<4, 3, HINT>(w, first, r, x, y),
+                    (true, 2) => block::<4, 2, HINT>(w, first, r, x, y),
+                    (true, _) => block::<4, 1, HINT>(w, first, r, x, y),
+                    (false, 4) => block::<1, 4, HINT>(w, first, r, x, y),
+                    (false, 3) => block::<1, 3, HINT>(w, first, r, x, y),
+                    (false, 2) => block::<1, 2, HINT>(w, first, r, x, y),
+                    (false, _) => block::<1, 1, HINT>(w, first, r, x, y),
+                }
+                g += n;
+            }
+            r += if four { 4 } else { 1 };
+        }
+    }
+
+    /// Vectors per weight load in [`gemv_batch`].
+    const GROUP: usize = 4;
+
+    /// Rows `first + r .. first + r + R` for `N` vectors, written at `r..r + R` of each output.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block<const R: usize, const N: usize, const HINT: i32>(
+        w: &QuantMatrix,
+        first: usize,
+        r: usize,
+        xs: &[&QuantVector],
+        ys: &mut [&mut [f32]],
+    ) {
+        let cols = w.cols;
+        let body = cols - cols % 32;
+        let row = first + r;
+        let base = w.data.as_ptr().add(row * cols);
+        let end = w.data.as_ptr().add(w.data.len());
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); N]; R];
+        let mut c = 0;
+        while c < body {
+            // The next R rows are R * cols bytes ahead: fetch R * 32 of them per 32 columns.
+            let pf = base.wrapping_add(R * cols + R * c);
+            if pf < end {
+                _mm_prefetch::<HINT>(pf);
+                if R == 4 {
+                    _mm_prefetch::<HINT>(pf.wrapping_add(64));
+                }
+            }
+            let mut xv = [_mm256_setzero_si256(); N];
+            let mut ax = [_mm256_setzero_si256(); N];
+            for ((v, a), x) in xv.iter_mut().zip(ax.iter_mut()).zip(xs) {
+                *v = _mm256_loadu_si256(x.q.as_ptr().add(c) as *const __m256i);
+                *a = _mm256_sign_epi8(*v, *v);
+            }
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(base.add(i * cols + c) as *const __m256i);
+                for ((s, v), a) in acc_row.iter_mut().zip(&xv).zip(&ax) {
+                    *s = _mm256_add_epi32(*s, dot32(*a, *v, wv, ones));
+                }
+            }
+            c += 32;
+        }
+        // The columns after the last whole 32, one product at a time.
+        let tail = |i: usize, x: &QuantVector| -> i32 {
+            let weights = &w.data[(row + i) * cols..(row + i + 1) * cols];
+            (body..cols).map(|c| i32::from(weights[c]) * i32::from(x.q[c])).sum()
+        };
+        if R == 4 {
+            let scales = _mm_loadu_ps(w.scales.as_ptr().add(row));
+            for (n, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+                let mut dots = hsum4(acc[0][n], acc[1][n], acc[2][n], acc[3][n]);
+                if body < cols {
+                    let tails = [tail(0, x), tail(1, x), tail(2, x), tail(3, x)];
+                    dots = _mm_add_epi32(dots, _mm_loadu_si128(tails.as_ptr() as *const __m128i));
+                }
+                // dot * (scale * x.scale), the scalar reference's order.
+                let out = _mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_mul_ps(scales, _mm_set1_ps(x.scale)));
+                _mm_storeu_ps(y[r..r + 4].as_mut_ptr(), out);
+            }
+            return;
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            let scale = w.scales[row + i];
+            for ((a, x), y) in acc_row.iter().zip(xs).zip(ys.iter_mut()) {
+                let dot = hsum(*a).wrapping_add(tail(i, x));
+                y[r + i] = dot as f32 * (scale * x.scale);
+            }
+        }
+    }
+
+    /// The sums of the 8 lanes of a, b, c and d, in that order (wrapping, like the scalar sum).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then the same for c and d.
+        let ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        let cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+        // Per 128-bit lane: [sum a, sum b, sum c, sum d] of that lane; then the two lanes added.
+        let s = _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s))
     }
 }
 
@@ -920,10 +1056,19 @@ mod tests {
         xq.set(&x);
         let mut slow = vec![0f32; rows];
         gemv_scalar(&w, 0, &xq, &mut slow);
+        // The other sign of x as a second vector, so a batched kernel sees both patterns at once.
+        let mut negated = QuantVector::default();
+        negated.set(&x.iter().map(|v| -v).collect::<Vec<f32>>());
+        let mut slow_negated = vec![0f32; rows];
+        gemv_scalar(&w, 0, &negated, &mut slow_negated);
         for kernel in supported_kernels() {
             let mut via = vec![0f32; rows];
             gemv_rows_with(kernel, &w, 0, &xq, &mut via);
             assert_eq!(via, slow, "{} kernel", kernel.name());
+            let mut outs = vec![vec![0f32; rows]; 3];
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+            gemv_rows_batch_with(kernel, &w, 0, &[&xq, &negated, &xq], &mut slices);
+            assert_eq!(outs, [slow.clone(), slow_negated.clone(), slow.clone()], "{} kernel, batched", kernel.name());
         }
     }
 
