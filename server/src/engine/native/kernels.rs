@@ -70,6 +70,79 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// [`dot`] of one `a` with `N` vectors `bs[n]` (each at least as long as `a`), each result bit
+/// for bit [`dot`]'s: the same operations in the same order, only `N` independent sums side by
+/// side, so the CPU overlaps what one sum would wait for (attention scores, several key
+/// positions at once). Portable; [`dots_avx2`] is the same on AVX2 registers.
+#[inline(always)]
+pub fn dots<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f32; N] {
+    std::array::from_fn(|n| dot(a, &bs[n][..a.len()]))
+}
+
+/// [`dots`] on AVX2 registers, written out: the compiler kept the portable version's
+/// interleaved sums in scalar registers. Multiply then add (no FMA), lane sums in lane order,
+/// then the tail, as [`dot`] does.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn dots_avx2<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f32; N] {
+    use std::arch::x86_64::*;
+    const { assert!(LANES == 8, "one AVX2 register per lane set") };
+    for b in &bs {
+        assert!(b.len() >= a.len(), "a vector shorter than the query");
+    }
+    let body = a.len() - a.len() % LANES;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut c = 0;
+    while c < body {
+        // SAFETY: c + 8 <= body <= a.len() <= every b.len() (asserted above).
+        let x = unsafe { _mm256_loadu_ps(a.as_ptr().add(c)) };
+        for (s, b) in acc.iter_mut().zip(&bs) {
+            let y = unsafe { _mm256_loadu_ps(b.as_ptr().add(c)) };
+            *s = _mm256_add_ps(*s, _mm256_mul_ps(x, y));
+        }
+        c += LANES;
+    }
+    std::array::from_fn(|n| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[n]) };
+        let tail: f32 = a[body..].iter().zip(&bs[n][body..]).map(|(x, y)| x * y).sum();
+        lanes.iter().sum::<f32>() + tail
+    })
+}
+
+/// `out = sum over j of p[j] * v(j)`, accumulated in the order j = 0, 1, ... from 0.0 for every
+/// element (the order of `out.fill(0.0)` then `out += p[j] * v(j)` per j, so bit for bit that
+/// loop), 32 elements at a time held in registers instead of re-read from `out` per j.
+#[inline(always)]
+pub fn weighted_sum<'v>(p: &[f32], v: impl Fn(usize) -> &'v [f32], out: &mut [f32]) {
+    const BLOCK: usize = 4 * LANES;
+    let mut start = 0;
+    while start < out.len() {
+        let width = (out.len() - start).min(BLOCK);
+        let mut acc = [0f32; BLOCK];
+        if width == BLOCK {
+            for (j, pj) in p.iter().enumerate() {
+                let x = &v(j)[start..start + BLOCK];
+                for i in 0..BLOCK {
+                    acc[i] += pj * x[i];
+                }
+            }
+        } else {
+            for (j, pj) in p.iter().enumerate() {
+                for (a, x) in acc.iter_mut().zip(&v(j)[start..start + width]) {
+                    *a += pj * x;
+                }
+            }
+        }
+        out[start..start + width].copy_from_slice(&acc[..width]);
+        start += width;
+    }
+}
+
 /// Quantizes values to [-127, 127] with one scale (`max |x| / 127`). -128 is never used, so
 /// the AVX2 pair sums (2 * 127 * 127) cannot saturate 16 bits.
 fn quantize_into(x: &[f32], q: &mut Vec<i8>) -> f32 {

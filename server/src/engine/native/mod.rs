@@ -17,7 +17,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use kernels::{dot, gelu_new, gemv_batch, rms_norm, softmax, QuantVector, RowProduct};
+use kernels::{dot, gelu_new, gemv_batch, rms_norm, softmax, weighted_sum, QuantVector, RowProduct};
 pub use matrix::WeightFormat;
 pub use weights::DecoderShape;
 use weights::{Layer, Weights};
@@ -320,77 +320,129 @@ struct Positions<'a> {
 /// Multi-head attention of one query, T5-style: no 1/sqrt(d_kv) scaling (folded into the
 /// weights).
 ///
-/// Compiled twice: for the build's baseline (SSE2) and with AVX2, chosen at run time. Both
-/// perform the same float operations in the same order (no contraction into FMA), only on
-/// wider registers, so the results are the same to the bit.
+/// Compiled twice: for the build's baseline (SSE2) and with AVX2 (scores by
+/// [`kernels::dots_avx2`]), chosen at run time. Both perform the same float operations in the
+/// same order (no contraction into FMA), only on wider registers, so the results are the same
+/// to the bit, and the same as one score and one value row at a time (the test's reference).
 fn attend(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { attend_avx2(q, at, s, scores, ctx) };
     }
-    attend_body(q, at, s, scores, ctx)
+    attend_body(q, at, s, scores, ctx, kernels::dots)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn attend_avx2(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
-    attend_body(q, at, s, scores, ctx)
+    // SAFETY: this function runs only where the CPU has AVX2.
+    attend_body(q, at, s, scores, ctx, |a, bs| unsafe { kernels::dots_avx2(a, bs) })
 }
 
+/// Key positions scored together in [`attend_body`] (independent sums the CPU overlaps).
+const SCORE_BLOCK: usize = 4;
+
+/// `dots` scores `SCORE_BLOCK` key positions at once ([`kernels::dots`] or its AVX2 form).
 #[inline(always)]
-fn attend_body(q: &[f32], at: &Positions<'_>, s: &DecoderShape, scores: &mut Vec<f32>, ctx: &mut [f32]) {
+fn attend_body(
+    q: &[f32],
+    at: &Positions<'_>,
+    s: &DecoderShape,
+    scores: &mut Vec<f32>,
+    ctx: &mut [f32],
+    dots: impl Fn(&[f32], [&[f32]; SCORE_BLOCK]) -> [f32; SCORE_BLOCK],
+) {
     let (dk, inner, len) = (s.d_kv, s.inner(), at.len);
     scores.resize(len, 0.0);
     for h in 0..s.num_heads {
         let qh = &q[h * dk..(h + 1) * dk];
-        for (j, score) in scores.iter_mut().enumerate() {
-            let k = &at.keys[j * inner + h * dk..j * inner + (h + 1) * dk];
-            *score = dot(qh, k) + at.bias.map_or(0.0, |b| b[h * len + j]);
+        let key = |j: usize| &at.keys[j * inner + h * dk..j * inner + (h + 1) * dk];
+        let bias = |j: usize| at.bias.map_or(0.0, |b| b[h * len + j]);
+        let mut blocks = scores.chunks_exact_mut(SCORE_BLOCK);
+        for (b, block) in blocks.by_ref().enumerate() {
+            let first = b * SCORE_BLOCK;
+            let sums = dots(qh, std::array::from_fn::<_, SCORE_BLOCK, _>(|n| key(first + n)));
+            for (n, (score, sum)) in block.iter_mut().zip(sums).enumerate() {
+                *score = sum + bias(first + n);
+            }
+        }
+        let first = len - blocks.into_remainder().len();
+        for (j, score) in scores.iter_mut().enumerate().skip(first) {
+            *score = dot(qh, key(j)) + bias(j);
         }
         softmax(scores);
-        let out = &mut ctx[h * dk..(h + 1) * dk];
-        out.fill(0.0);
-        for (j, p) in scores.iter().enumerate() {
-            let v = &at.values[j * inner + h * dk..j * inner + (h + 1) * dk];
-            out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x);
-        }
+        weighted_sum(
+            scores,
+            |j| &at.values[j * inner + h * dk..j * inner + (h + 1) * dk],
+            &mut ctx[h * dk..(h + 1) * dk],
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{attend, attend_body, causal_bucket, DecoderShape, Positions};
-    use crate::engine::native::kernels::testing::pseudo_random;
+    use super::{attend, attend_body, causal_bucket, kernels, DecoderShape, Positions};
+    use crate::engine::native::kernels::{dot, softmax, testing::pseudo_random};
+
+    /// Attention one score and one value row at a time, as it was written before the scores
+    /// were blocked and the values summed in registers: the order of operations every path keeps.
+    fn attend_reference(q: &[f32], at: &Positions<'_>, s: &DecoderShape) -> Vec<f32> {
+        let (dk, inner, len) = (s.d_kv, s.inner(), at.len);
+        let mut ctx = vec![0f32; inner];
+        let mut scores = vec![0f32; len];
+        for h in 0..s.num_heads {
+            let qh = &q[h * dk..(h + 1) * dk];
+            for (j, score) in scores.iter_mut().enumerate() {
+                let k = &at.keys[j * inner + h * dk..j * inner + (h + 1) * dk];
+                *score = dot(qh, k) + at.bias.map_or(0.0, |b| b[h * len + j]);
+            }
+            softmax(&mut scores);
+            let out = &mut ctx[h * dk..(h + 1) * dk];
+            out.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                let v = &at.values[j * inner + h * dk..j * inner + (h + 1) * dk];
+                out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x);
+            }
+        }
+        ctx
+    }
 
     #[test]
     fn attention_on_wide_registers_is_the_baseline_to_the_bit() {
-        let s = DecoderShape {
-            d_model: 64,
-            num_heads: 4,
-            d_kv: 16,
-            d_ff: 128,
-            vocab: 32,
-            layers: 1,
-            num_buckets: 32,
-            max_distance: 128,
-            eps: 1e-6,
-            gated_gelu: true,
-            tied: false,
-        };
-        for len in [1usize, 5, 23, 64] {
-            let (q, keys, values) = (
-                pseudo_random(64, 1),
-                pseudo_random(len * 64, 2 + len as u64),
-                pseudo_random(len * 64, 90 + len as u64),
-            );
-            let bias = pseudo_random(4 * len, 7);
-            for bias in [None, Some(bias.as_slice())] {
-                let (mut fast, mut base) = (vec![0f32; 64], vec![0f32; 64]);
-                let at = Positions { keys: &keys, values: &values, len, bias };
-                attend(&q, &at, &s, &mut Vec::new(), &mut fast);
-                attend_body(&q, &at, &s, &mut Vec::new(), &mut base);
-                assert_eq!(fast, base, "len {len}, bias {}", bias.is_some());
+        // Heads of 16, 32 (the shipped model's) and 40 values: under, at and over the 32 summed
+        // in registers; lengths around the block of 4 scored positions.
+        for (num_heads, d_kv) in [(4, 16), (2, 32), (2, 40)] {
+            let inner = num_heads * d_kv;
+            let s = DecoderShape {
+                d_model: inner,
+                num_heads,
+                d_kv,
+                d_ff: 128,
+                vocab: 32,
+                layers: 1,
+                num_buckets: 32,
+                max_distance: 128,
+                eps: 1e-6,
+                gated_gelu: true,
+                tied: false,
+            };
+            for len in [1usize, 3, 4, 5, 23, 64] {
+                let (q, keys, values) = (
+                    pseudo_random(inner, 1),
+                    pseudo_random(len * inner, 2 + len as u64),
+                    pseudo_random(len * inner, 90 + len as u64),
+                );
+                let bias = pseudo_random(num_heads * len, 7);
+                for bias in [None, Some(bias.as_slice())] {
+                    let (mut fast, mut base) = (vec![0f32; inner], vec![0f32; inner]);
+                    let at = Positions { keys: &keys, values: &values, len, bias };
+                    attend(&q, &at, &s, &mut Vec::new(), &mut fast);
+                    attend_body(&q, &at, &s, &mut Vec::new(), &mut base, kernels::dots);
+                    let what = format!("d_kv {d_kv}, len {len}, bias {}", bias.is_some());
+                    assert_eq!(fast, base, "{what}");
+                    assert_eq!(base, attend_reference(&q, &at, &s), "{what}");
+                }
             }
         }
     }
