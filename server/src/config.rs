@@ -155,9 +155,10 @@ pub struct Config {
     /// Continuous batching: requests each engine worker decodes together, joining and leaving
     /// between decoder steps, so that each step reads the weights once for all of them (native
     /// decoder on int8 weights only; answers are the same as one at a time). 1 serves one
-    /// request at a time.
-    #[arg(long, env = "QSERVER_MAX_BATCH_REQUESTS", default_value = "8")]
-    pub max_batch_requests: NonZeroUsize,
+    /// request at a time. Unset: what measured best for the native kernel in use (8 with
+    /// AVX-512 VNNI, 2 otherwise, 1 for the scalar kernel; docs/performance.md, session 10).
+    #[arg(long, env = "QSERVER_MAX_BATCH_REQUESTS")]
+    pub max_batch_requests: Option<NonZeroUsize>,
 
     /// Requests handled at once (Reformulate, Evaluate and Benchmark calls); more are
     /// refused with RESOURCE_EXHAUSTED instead of queueing.
@@ -268,6 +269,13 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
     }
 
+    /// `--max-batch-requests`, or the default of the native kernel in use (call it after
+    /// `--native-kernel` is applied, so the kernel it asks about is the one that will run).
+    pub fn batch_requests(&self) -> usize {
+        self.max_batch_requests
+            .map_or_else(|| crate::engine::native::kernels::kernel().batch_requests(), NonZeroUsize::get)
+    }
+
     pub fn stuck_worker_time(&self) -> Duration {
         Duration::from_secs(self.stuck_worker_secs.get())
     }
@@ -280,6 +288,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batching_follows_the_kernel_unless_set() {
+        let set = Config::try_parse_from(["qserver", "--max-batch-requests", "3"]).unwrap();
+        assert_eq!(set.batch_requests(), 3);
+        let one = Config::try_parse_from(["qserver", "--max-batch-requests", "1"]).unwrap();
+        assert_eq!(one.batch_requests(), 1);
+        let unset = Config::try_parse_from(["qserver"]).unwrap();
+        let kernel = crate::engine::native::kernels::kernel();
+        assert_eq!(unset.batch_requests(), kernel.batch_requests(), "{} kernel", kernel.name());
+        // Only a kernel with a product to share batches by default; VNNI, whose batched product
+        // stays bound by reading the weights up to 8 rows, the most.
+        assert_eq!(Kernel::Scalar.batch_requests(), 1);
+        assert_eq!(Kernel::Avx2.batch_requests(), 2);
+        assert_eq!(Kernel::Avx512Vnni.batch_requests(), 8);
+    }
 
     #[test]
     fn defaults_match_the_documented_ones() {
@@ -296,6 +320,7 @@ mod tests {
         assert_eq!(c.decoder, DecoderKind::Auto);
         assert_eq!(c.native_kernel, None);
         assert_eq!(c.native_weights, WeightFormat::Int8);
+        assert_eq!(c.max_batch_requests, None, "chosen by the kernel unless set");
         assert_eq!(c.max_concurrent_requests.get(), 64);
         assert_eq!(c.max_query_chars.get(), 2000);
         assert_eq!(c.max_input_tokens.get(), 256);

@@ -61,12 +61,13 @@ pub async fn serve(
     let env = runtime::init(config.ort_dylib.as_deref())?;
     let model = ModelDir::open(&config.model)?;
     let workers = config.worker_count();
+    let max_batch = config.batch_requests();
     tracing::info!(
         model = %model.root.display(),
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
-        max_batch_requests = config.max_batch_requests.get(),
+        max_batch_requests = max_batch,
         "loading model"
     );
     match model.grounding.as_ref().and_then(|rules| rules.vocabulary.as_ref()) {
@@ -121,7 +122,6 @@ pub async fn serve(
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);
-        let max_batch = config.max_batch_requests.get();
         let build_info = Arc::clone(&shared);
         tokio::spawn(async move {
             let started = std::time::Instant::now();

@@ -427,6 +427,21 @@ impl Kernel {
         Self::ALL.into_iter().find(|k| k.supported()).unwrap_or(Kernel::Scalar)
     }
 
+    /// Requests a worker decodes together by default (continuous batching) with this kernel:
+    /// what served the most requests per second at concurrency 8 on 2 cores without a worse
+    /// p99. VNNI (Intel Xeon, session 7 of docs/performance.md): 8, 1.42x one at a time. AVX2
+    /// (AMD EPYC Zen 3, session 10): 2, 1.20x one at a time with a lower p99, where 8 gave
+    /// 1.12x with a p99 1.27x higher, since past two rows its batched product is bound by
+    /// multiply-adds, not by reading the weights. AVX-512BW (a tiled product, not measured): 2.
+    /// Scalar: 1, nothing to share.
+    pub fn batch_requests(self) -> usize {
+        match self {
+            Kernel::Avx512Vnni => 8,
+            Kernel::Avx512Bw | Kernel::Avx2 => 2,
+            Kernel::Scalar => 1,
+        }
+    }
+
     /// The name used in logs, metrics and `--native-kernel`.
     pub fn name(self) -> &'static str {
         match self {
