@@ -522,6 +522,37 @@ pub fn gemv_scalar(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]
     }
 }
 
+/// The loop of a batched kernel: rows four at a time (then one at a time), vectors in groups
+/// of up to four, each pair computed by `$block::<R, N, HINT>(w, first, r, xs, ys)` (rows
+/// `first + r ..` for those vectors, written at `r..` of their outputs).
+macro_rules! batched_blocks {
+    ($block:ident, $hint:ident, $w:expr, $first:expr, $xs:expr, $ys:expr) => {{
+        let (w, first, xs, ys): (&QuantMatrix, usize, &[&QuantVector], &mut [&mut [f32]]) = ($w, $first, $xs, $ys);
+        let rows = ys.first().map_or(0, |y| y.len());
+        let mut r = 0;
+        while r < rows {
+            let four = rows - r >= 4;
+            let mut g = 0;
+            while g < xs.len() {
+                let n = (xs.len() - g).min(4);
+                let (x, y) = (&xs[g..g + n], &mut ys[g..g + n]);
+                match (four, n) {
+                    (true, 4) => $block::<4, 4, $hint>(w, first, r, x, y),
+                    (true, 3) => $block::<4, 3, $hint>(w, first, r, x, y),
+                    (true, 2) => $block::<4, 2, $hint>(w, first, r, x, y),
+                    (true, _) => $block::<4, 1, $hint>(w, first, r, x, y),
+                    (false, 4) => $block::<1, 4, $hint>(w, first, r, x, y),
+                    (false, 3) => $block::<1, 3, $hint>(w, first, r, x, y),
+                    (false, 2) => $block::<1, 2, $hint>(w, first, r, x, y),
+                    (false, _) => $block::<1, 1, $hint>(w, first, r, x, y),
+                }
+                g += n;
+            }
+            r += if four { 4 } else { 1 };
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2_impl {
     use std::arch::x86_64::*;
@@ -624,32 +655,8 @@ pub(super) mod avx2_impl {
         xs: &[&QuantVector],
         ys: &mut [&mut [f32]],
     ) {
-        let rows = ys.first().map_or(0, |y| y.len());
-        let mut r = 0;
-        while r < rows {
-            let four = rows - r >= 4;
-            let mut g = 0;
-            while g < xs.len() {
-                let n = (xs.len() - g).min(GROUP);
-                let (x, y) = (&xs[g..g + n], &mut ys[g..g + n]);
-                match (four, n) {
-                    (true, 4) => block::<4, 4, HINT>(w, first, r, x, y),
-                    (true, 3) => block::<4, 3, HINT>(w, first, r, x, y),
-                    (true, 2) => block::<4, 2, HINT>(w, first, r, x, y),
-                    (true, _) => block::<4, 1, HINT>(w, first, r, x, y),
-                    (false, 4) => block::<1, 4, HINT>(w, first, r, x, y),
-                    (false, 3) => block::<1, 3, HINT>(w, first, r, x, y),
-                    (false, 2) => block::<1, 2, HINT>(w, first, r, x, y),
-                    (false, _) => block::<1, 1, HINT>(w, first, r, x, y),
-                }
-                g += n;
-            }
-            r += if four { 4 } else { 1 };
-        }
+        batched_blocks!(block, HINT, w, first, xs, ys);
     }
-
-    /// Vectors per weight load in [`gemv_batch`].
-    const GROUP: usize = 4;
 
     /// Rows `first + r .. first + r + R` for `N` vectors, written at `r..r + R` of each output.
     #[inline]
@@ -833,28 +840,7 @@ mod avx512_impl {
         xs: &[&QuantVector],
         ys: &mut [&mut [f32]],
     ) {
-        let rows = ys.first().map_or(0, |y| y.len());
-        let mut r = 0;
-        while r < rows {
-            let four = rows - r >= 4;
-            let mut g = 0;
-            while g < xs.len() {
-                let n = (xs.len() - g).min(4);
-                let (x, y) = (&xs[g..g + n], &mut ys[g..g + n]);
-                match (four, n) {
-                    (true, 4) => block::<4, 4, HINT>(w, first, r, x, y),
-                    (true, 3) => block::<4, 3, HINT>(w, first, r, x, y),
-                    (true, 2) => block::<4, 2, HINT>(w, first, r, x, y),
-                    (true, _) => block::<4, 1, HINT>(w, first, r, x, y),
-                    (false, 4) => block::<1, 4, HINT>(w, first, r, x, y),
-                    (false, 3) => block::<1, 3, HINT>(w, first, r, x, y),
-                    (false, 2) => block::<1, 2, HINT>(w, first, r, x, y),
-                    (false, _) => block::<1, 1, HINT>(w, first, r, x, y),
-                }
-                g += n;
-            }
-            r += if four { 4 } else { 1 };
-        }
+        batched_blocks!(block, HINT, w, first, xs, ys);
     }
 
     /// Rows `first + r .. first + r + R` for `N` vectors, written at `r..r + R` of each output.
