@@ -410,7 +410,8 @@ def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, wor
     conc = dict(description="", rows=[], error=None)
     conc["description"] = (
         f"`qserver --cache-capacity 0 --model {rel(model_dir)}` with its default worker count "
-        "({workers}, one per available core, 1 intra-op thread each); `qclient bench --concurrency C "
+        "({workers}, one per available core, 1 intra-op thread each) and its default continuous batching for "
+        "this CPU ({batching}); `qclient bench --concurrency C "
         f"--requests {args.load_requests} --warmup C {' '.join(flags)}` over one HTTP/2 connection, "
         f"cycling through the same {args.queries} queries, natural-length greedy decoding. At the highest "
         "concurrency, the same server with `--max-batch-requests 1` (no continuous batching), and CTranslate2's own "
@@ -423,6 +424,11 @@ def measure_load(args, model_dir: Path, query_file: Path, repeat_file: Path, wor
                      work / "logs" / "qserver-load.log", args.health_timeout) as server:
             conc["workers"] = server.log_field("workers") or str(args.workers_default)
             conc["description"] = conc["description"].replace("{workers}", conc["workers"])
+            # The batch size follows the native kernel (qserver's Kernel::batch_requests), so say which ran.
+            batch = server.log_field("max_batch_requests") or "?"
+            kernel = (server.log_field("kernel") or "?").strip('"')
+            conc["batching"] = f"`--max-batch-requests {batch}` with the {kernel} kernel"
+            conc["description"] = conc["description"].replace("{batching}", conc["batching"])
             for c in levels:
                 log(f"load: concurrency {c}")
                 raw = server.bench(query_file, "--concurrency", str(c), "--requests", str(args.load_requests),
