@@ -230,29 +230,16 @@ pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &
         assert_eq!(y.len(), rows, "outputs of different lengths");
     }
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512Vnni {
+    if matches!(kernel, Kernel::Avx512Vnni | Kernel::Avx2) {
         assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
         use avx2_impl::{CACHE, STREAM};
-        // SAFETY: the CPU runs VNNI (asserted); rows and lengths are asserted above.
+        // SAFETY: the CPU runs the kernel (asserted); rows and lengths are asserted above.
         unsafe {
-            if w.streamed {
-                avx512_impl::gemv_vnni_batch::<STREAM>(w, first, xs, ys)
-            } else {
-                avx512_impl::gemv_vnni_batch::<CACHE>(w, first, xs, ys)
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 {
-        assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
-        use avx2_impl::{CACHE, STREAM};
-        // SAFETY: the CPU runs AVX2 (asserted); rows and lengths are asserted above.
-        unsafe {
-            if w.streamed {
-                avx2_impl::gemv_batch::<STREAM>(w, first, xs, ys)
-            } else {
-                avx2_impl::gemv_batch::<CACHE>(w, first, xs, ys)
+            match (kernel, w.streamed) {
+                (Kernel::Avx512Vnni, true) => avx512_impl::gemv_vnni_batch::<STREAM>(w, first, xs, ys),
+                (Kernel::Avx512Vnni, false) => avx512_impl::gemv_vnni_batch::<CACHE>(w, first, xs, ys),
+                (_, true) => avx2_impl::gemv_batch::<STREAM>(w, first, xs, ys),
+                (_, false) => avx2_impl::gemv_batch::<CACHE>(w, first, xs, ys),
             }
         }
         return;
@@ -581,6 +568,12 @@ pub(super) mod avx2_impl {
     pub const STREAM: i32 = _MM_HINT_NTA;
     pub const CACHE: i32 = _MM_HINT_T0;
 
+    /// The dot of one weight row with x over the columns `from..` that a 32-byte block does not
+    /// cover, one product at a time.
+    fn tail_dot(row: &[i8], x: &[i8], from: usize) -> i32 {
+        row[from..].iter().zip(&x[from..]).map(|(&w, &v)| i32::from(w) * i32::from(v)).sum()
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemv<const HINT: i32>(w: &QuantMatrix, first: usize, x: &QuantVector, y: &mut [f32]) {
         let (rows, cols) = (y.len(), w.cols);
@@ -591,7 +584,7 @@ pub(super) mod avx2_impl {
         let wp = data.as_ptr();
         let xp = x.q.as_ptr();
         let end = wp.add(data.len());
-        let tail = |r: usize| -> i32 { (body..cols).map(|c| i32::from(data[r * cols + c]) * i32::from(x.q[c])).sum() };
+        let tail = |r: usize| tail_dot(&data[r * cols..(r + 1) * cols], &x.q, body);
         let mut r = 0;
         while r + 4 <= rows {
             let base = wp.add(r * cols);
@@ -699,11 +692,8 @@ pub(super) mod avx2_impl {
             }
             c += 32;
         }
-        // The columns after the last whole 32, one product at a time.
-        let tail = |i: usize, x: &QuantVector| -> i32 {
-            let weights = &w.data[(row + i) * cols..(row + i + 1) * cols];
-            (body..cols).map(|c| i32::from(weights[c]) * i32::from(x.q[c])).sum()
-        };
+        // The columns after the last whole 32.
+        let tail = |i: usize, x: &QuantVector| tail_dot(&w.data[(row + i) * cols..(row + i + 1) * cols], &x.q, body);
         if R == 4 {
             let scales = _mm_loadu_ps(w.scales.as_ptr().add(row));
             for (n, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
