@@ -38,9 +38,11 @@ const LANES: usize = 8;
 /// Rounds to the nearest integer (ties to even) for |v| < 2^22, in two additions.
 #[inline]
 fn round_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    (v + MAGIC) - MAGIC
+    (v + ROUND_MAGIC) - ROUND_MAGIC
 }
+
+/// 1.5 * 2^23: adding it rounds a small f32 to an integer ([`round_small`], [`exp`]).
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Largest |x|: a NaN is ignored, an infinity returned.
 fn abs_max(x: &[f32]) -> f32 {
@@ -927,13 +929,18 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.0);
-    let n = round_small(x * LOG2E);
+    // round_small's two additions, keeping the first sum: its bits hold n as an integer
+    // (MAGIC's unit in the last place is 1), so 2^n needs no float-to-int conversion, which
+    // Rust saturates and LLVM then leaves scalar in loops over this function.
+    let shifted = x * LOG2E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    y * f32::from_bits(((n_int + 127) << 23) as u32)
 }
 
 /// In-place softmax.
@@ -1236,6 +1243,32 @@ mod tests {
         // Clamped, never 0 or infinite: softmax of extreme scores stays a distribution.
         assert_eq!(exp(-1000.0), exp(-87.3));
         assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+    }
+
+    /// `exp` as it was, with 2^n from a float-to-int conversion: the reference that the
+    /// integer form must equal to the bit (attention and GELU results must not move).
+    fn exp_with_conversion(x: f32) -> f32 {
+        let x = x.clamp(-87.3, 88.0);
+        let n = round_small(x * std::f32::consts::LOG2_E);
+        let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    }
+
+    #[test]
+    fn exp_is_the_conversion_form_to_the_bit() {
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), exp_with_conversion(x).to_bits(), "exp({x})");
+            x += 0.0137;
+        }
+        for x in [-87.3, 88.0, -0.0, 0.5, -0.5, 1e-30, f32::NEG_INFINITY, f32::INFINITY, f32::MIN, f32::MAX] {
+            assert_eq!(exp(x).to_bits(), exp_with_conversion(x).to_bits(), "exp({x})");
+        }
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
