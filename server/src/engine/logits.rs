@@ -341,7 +341,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn sum_exp_on_wide_registers_is_the_baseline_to_the_bit() {
-        let variants: [(&str, bool, unsafe fn(&[f32], f32) -> f64); 2] = [
+        type SumExp = unsafe fn(&[f32], f32) -> f64;
+        let variants: [(&str, bool, SumExp); 2] = [
             ("avx2", std::is_x86_feature_detected!("avx2"), sum_exp_avx2),
             ("avx512f", std::is_x86_feature_detected!("avx512f"), sum_exp_avx512),
         ];
