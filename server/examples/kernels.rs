@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use qserver::engine::native::{
-    kernels::{gemv_batch, kernel, streams, tiled_rows, Kernel, QuantVector, RowProduct},
+    kernels::{gemv, gemv_batch, kernel, streams, tiled_rows, Kernel, QuantVector, RowProduct},
     matrix::{Matrix, WeightFormat},
+    team::Team,
 };
 
 /// (d_model, heads x d_kv, d_ff, decoder layers, vocab): the decoder of each shape, gated-GELU.
@@ -114,6 +115,50 @@ fn main() {
     }
 
     batched(&mats, rounds);
+    threaded(&mats, &inputs, rounds);
+}
+
+/// One step's products on one thread and split across 2 threads (`--intra-op-threads 2`): by
+/// the decoder's [`Team`] and, for comparison, by a rayon pool (what the decoder used before),
+/// interleaved round by round; all three must agree bit for bit.
+fn threaded(mats: &[Matrix], inputs: &[QuantVector], rounds: usize) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let team = Team::new(2, "kernels").unwrap();
+    let mut outputs: [Vec<Vec<f32>>; 3] = std::array::from_fn(|_| mats.iter().map(|m| vec![0f32; m.rows()]).collect());
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let step = |outputs: &mut Vec<Vec<f32>>| {
+        let started = Instant::now();
+        for ((m, x), y) in mats.iter().zip(inputs).zip(outputs.iter_mut()) {
+            gemv(m, x, y);
+        }
+        started.elapsed().as_secs_f64() * 1e3
+    };
+    let rayon_step = |outputs: &mut Vec<Vec<f32>>| {
+        use rayon::prelude::*;
+        let started = Instant::now();
+        for ((m, x), y) in mats.iter().zip(inputs).zip(outputs.iter_mut()) {
+            let part = m.rows().div_ceil(2).next_multiple_of(4);
+            y.par_chunks_mut(part).enumerate().for_each(|(i, ys)| m.product_rows(i * part, x, ys));
+        }
+        started.elapsed().as_secs_f64() * 1e3
+    };
+    for round in 0..rounds + 2 {
+        let ms = [
+            step(&mut outputs[0]),
+            team.install(|| step(&mut outputs[1])),
+            pool.install(|| rayon_step(&mut outputs[2])),
+        ];
+        if round >= 2 {
+            times.iter_mut().zip(ms).for_each(|(t, ms)| t.push(ms));
+        }
+        assert!(outputs[1] == outputs[0] && outputs[2] == outputs[0], "a split changed a result");
+    }
+    let [one, team, rayon] = times.map(|mut t| median(&mut t));
+    println!(
+        "one step on 1 thread {one:.3} ms; split across 2 threads: decoder team {team:.3} ms ({:.2}x), rayon pool {rayon:.3} ms ({:.2}x)",
+        one / team,
+        one / rayon
+    );
 }
 
 /// One step's products for 1, 2, 4 and 8 rows at once, the sizes and the two ways interleaved

@@ -21,7 +21,7 @@ use super::{
     decode::{new_search, Hypothesis, Search, Special},
     grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
-    native::{NativeDecoder, WeightFormat},
+    native::{team::Team, NativeDecoder, WeightFormat},
     native_steps::NativeBackend,
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
@@ -47,7 +47,7 @@ pub struct OnnxT5 {
     /// Grounded decoding, when the model ships `grounding.json` (every search strategy).
     grounding: Option<Arc<GroundingModel>>,
     /// The native decoder's threads when it may use more than one (`intra_op_threads`).
-    threads: Option<Arc<rayon::ThreadPool>>,
+    threads: Option<Arc<Team>>,
     /// The requests in flight together, with the native decoder (continuous batching).
     pub(super) batch: Option<Batch>,
 }
@@ -92,16 +92,13 @@ impl OnnxT5 {
 
         let encoder = open_session(env, &dir.file(model_dir::ENCODER_FILE), settings)?;
         let encoder_io = EncoderIo::discover(dir, &encoder)?;
-        let threads = match (&native, settings.intra_op_threads) {
-            (Some(_), n) if n > 1 => Some(Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("qserver-decode-{i}"))
-                    .build()
-                    .map_err(|e| ModelError::Load { file: dir.root.clone(), reason: format!("decoder threads: {e}") })?,
-            )),
-            _ => None,
-        };
+        let threads =
+            match (&native, settings.intra_op_threads) {
+                (Some(_), n) if n > 1 => Some(Arc::new(Team::new(n, "qserver-decode").map_err(|e| {
+                    ModelError::Load { file: dir.root.clone(), reason: format!("decoder threads: {e}") }
+                })?)),
+                _ => None,
+            };
         // Continuous batching on int8 weights only: the 4-bit kernels have no batched form, and
         // batching q4 steps tile by tile measured no gain and a worse tail (docs/performance.md).
         let batch = native
@@ -200,11 +197,11 @@ impl OnnxT5 {
         run_search(steps.as_mut(), search, start, req.params.max_new_tokens, cancel)
     }
 
-    /// Runs `f` on the native decoder's thread pool when it has one, so that its matrix
-    /// products use the whole pool; else on this thread.
-    pub(super) fn in_pool<T: Send>(&mut self, f: impl FnOnce(&mut Self) -> T + Send) -> T {
+    /// Runs `f` with the native decoder's thread team when it has one, so that its matrix
+    /// products use the whole team; else on this thread alone.
+    pub(super) fn in_pool<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         match self.threads.clone() {
-            Some(pool) => pool.install(|| f(self)),
+            Some(team) => team.install(|| f(self)),
             None => f(self),
         }
     }

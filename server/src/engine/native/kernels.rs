@@ -8,6 +8,10 @@
 //! speed of a plain read. Integer sums are exact, so the AVX2 and scalar paths agree bit for bit,
 //! and splitting the rows across threads changes no result.
 
+use std::sync::Mutex;
+
+use super::team::{self, Team};
+
 /// An int8 matrix, row-major `[rows][cols]`, one fp32 scale per row: `w ≈ q * scale[row]`.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
@@ -249,21 +253,33 @@ pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &
     for_each_tile(w.cols, xs, ys, |row, x, y| gemv_rows_with(kernel, w, first + row, x, y));
 }
 
-/// `y = W x` for a quantized `W` (rows x cols) and `x` (cols). Called inside a rayon pool of
-/// more than one thread, the rows are split across its threads (two cores read memory faster
+/// `y = W x` for a quantized `W` (rows x cols) and `x` (cols). Called inside a decoder
+/// [`Team`] of more than one thread, the rows are split across its threads (two cores read memory faster
 /// than one); anywhere else it runs on the calling thread alone.
 pub fn gemv<M: RowProduct + ?Sized>(w: &M, x: &QuantVector, y: &mut [f32]) {
     assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
     assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
-    let threads = pool_threads();
-    if threads < 2 || w.bytes() < PARALLEL_MIN_BYTES {
-        w.product_rows(0, x, y);
-        return;
-    }
-    // Multiples of 4 rows, so each part keeps the 4-row kernel.
-    let part = w.rows().div_ceil(threads).next_multiple_of(4);
-    use rayon::prelude::*;
-    y.par_chunks_mut(part).enumerate().for_each(|(i, ys)| w.product_rows(i * part, x, ys));
+    let Some(team) = splitting_team(w.bytes()) else {
+        return w.product_rows(0, x, y);
+    };
+    let part = rows_per_part(w.rows(), team.threads());
+    let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(part).map(Mutex::new).collect();
+    team.run(&|i| {
+        if let Some(ys) = parts.get(i) {
+            w.product_rows(i * part, x, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    });
+}
+
+/// The team to split a product of `bytes` weights across, if any: smaller products are not
+/// split, since the hand-off would cost more.
+fn splitting_team(bytes: usize) -> Option<&'static Team> {
+    team::current().filter(|t| t.threads() > 1 && bytes >= PARALLEL_MIN_BYTES)
+}
+
+/// Rows per thread: multiples of 4, so each part keeps the 4-row kernel.
+fn rows_per_part(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads).next_multiple_of(4)
 }
 
 /// Weight bytes of one tile of a batched product: small enough to stay in the L1 cache while
@@ -273,7 +289,7 @@ const TILE_BYTES: usize = 16 * 1024;
 /// `ys[i] = W xs[i]` for a batch of vectors (continuous batching: one decoder step of several
 /// rows). Tile by tile of rows, each vector runs the same kernel on the same rows as [`gemv`]
 /// would, so every result is bit for bit the one of [`gemv`] on that vector alone; only the
-/// weights are read from memory once per tile instead of once per vector. Inside a rayon pool
+/// weights are read from memory once per tile instead of once per vector. Inside a [`Team`]
 /// of more than one thread the rows are split across its threads as in [`gemv`].
 pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
     assert_eq!(xs.len(), ys.len(), "one output per input vector");
@@ -286,19 +302,22 @@ pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [
         assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
         assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
     }
-    let threads = pool_threads();
-    if threads < 2 || w.bytes() < PARALLEL_MIN_BYTES {
+    let Some(team) = splitting_team(w.bytes()) else {
         return w.product_rows_batch(0, xs, ys);
-    }
-    let part = w.rows().div_ceil(threads).next_multiple_of(4);
+    };
+    let part = rows_per_part(w.rows(), team.threads());
     let mut parts: Vec<Vec<&mut [f32]>> = (0..w.rows().div_ceil(part)).map(|_| Vec::with_capacity(xs.len())).collect();
     for y in ys.iter_mut() {
         for (slot, chunk) in parts.iter_mut().zip(y.chunks_mut(part)) {
             slot.push(chunk);
         }
     }
-    use rayon::prelude::*;
-    parts.into_par_iter().enumerate().for_each(|(i, mut ys)| w.product_rows_batch(i * part, xs, &mut ys));
+    let parts: Vec<Mutex<Vec<&mut [f32]>>> = parts.into_iter().map(Mutex::new).collect();
+    team.run(&|i| {
+        if let Some(ys) = parts.get(i) {
+            w.product_rows_batch(i * part, xs, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    });
 }
 
 /// Rows `first..first + ys[0].len()` of `W x` for every vector, tile by tile.
@@ -360,14 +379,9 @@ fn parse_cache_size(text: &str) -> Option<usize> {
     }
 }
 
-/// Threads of the rayon pool this thread belongs to; 1 outside any pool (never rayon's global
-/// pool, which would add threads nobody asked for).
+/// Threads of the decoder [`Team`] this thread runs in; 1 outside any.
 pub fn pool_threads() -> usize {
-    if rayon::current_thread_index().is_some() {
-        rayon::current_num_threads()
-    } else {
-        1
-    }
+    team::current().map_or(1, Team::threads)
 }
 
 /// The int8 GEMV kernels, fastest first. One is chosen per process from the CPU's features
@@ -1067,9 +1081,9 @@ mod tests {
         let w = QuantMatrix::quantize(rows, cols, &pseudo_random(rows * cols, 5));
         let xs = vectors(batch, cols, 50);
         let refs: Vec<&QuantVector> = xs.iter().collect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let team = Team::new(3, "test").unwrap();
         let mut batched = vec![vec![0f32; rows]; batch];
-        pool.install(|| {
+        team.install(|| {
             let mut outs: Vec<&mut [f32]> = batched.iter_mut().map(Vec::as_mut_slice).collect();
             gemv_batch(&w, &refs, &mut outs);
         });
@@ -1177,10 +1191,10 @@ mod tests {
         x.set(&pseudo_random(cols, 4));
         let mut alone = vec![0f32; rows];
         gemv(&w, &x, &mut alone);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let team = Team::new(3, "test").unwrap();
         let mut split = vec![0f32; rows];
-        pool.install(|| {
-            assert_eq!(rayon::current_num_threads(), 3);
+        team.install(|| {
+            assert_eq!(pool_threads(), 3);
             gemv(&w, &x, &mut split)
         });
         assert_eq!(alone, split);

@@ -13,9 +13,10 @@
 pub mod kernels;
 pub mod matrix;
 pub mod q4;
+pub mod team;
 pub mod weights;
 
-use std::path::Path;
+use std::{path::Path, sync::Mutex};
 
 use kernels::{dot, gelu_new, gemv_batch, rms_norm, softmax, weighted_sum, QuantVector, RowProduct};
 pub use matrix::WeightFormat;
@@ -169,14 +170,24 @@ impl NativeDecoder {
                 let mut ys: Vec<&mut [f32]> = out.chunks_mut(2 * inner).collect();
                 layer.cross_kv.product_rows_batch(0, &xs, &mut ys);
             };
-            if kernels::pool_threads() > 1 {
-                use rayon::prelude::*;
-                inputs
-                    .par_chunks(CROSS_POSITIONS)
-                    .zip(kv.par_chunks_mut(CROSS_POSITIONS * 2 * inner))
-                    .for_each(project);
-            } else {
-                inputs.chunks(CROSS_POSITIONS).zip(kv.chunks_mut(CROSS_POSITIONS * 2 * inner)).for_each(project);
+            match team::current().filter(|t| t.threads() > 1 && !inputs.is_empty()) {
+                // Whole groups of positions per thread, in order.
+                Some(team) => {
+                    let per = inputs.len().div_ceil(CROSS_POSITIONS).div_ceil(team.threads()) * CROSS_POSITIONS;
+                    let outs: Vec<Mutex<&mut [f32]>> = kv.chunks_mut(per * 2 * inner).map(Mutex::new).collect();
+                    team.run(&|i| {
+                        if let Some(out) = outs.get(i) {
+                            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                            let qvs = &inputs[i * per..(i * per + out.len() / (2 * inner))];
+                            qvs.chunks(CROSS_POSITIONS)
+                                .zip(out.chunks_mut(CROSS_POSITIONS * 2 * inner))
+                                .for_each(project);
+                        }
+                    });
+                }
+                None => {
+                    inputs.chunks(CROSS_POSITIONS).zip(kv.chunks_mut(CROSS_POSITIONS * 2 * inner)).for_each(project);
+                }
             }
             for pos in kv.chunks_exact(2 * inner) {
                 keys[i].extend_from_slice(&pos[..inner]);
