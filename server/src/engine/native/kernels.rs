@@ -39,13 +39,8 @@ pub struct QuantVector {
 /// and `f32::round` / `exp` / `tanh` are calls into libm.
 const LANES: usize = 8;
 
-/// Rounds to the nearest integer (ties to even) for |v| < 2^22, in two additions.
-#[inline]
-fn round_small(v: f32) -> f32 {
-    (v + ROUND_MAGIC) - ROUND_MAGIC
-}
-
-/// 1.5 * 2^23: adding it rounds a small f32 to an integer ([`round_small`], [`exp`]).
+/// 1.5 * 2^23: adding it rounds an f32 below 2^22 in magnitude to an integer (ties to even),
+/// which the sum then holds in its low mantissa bits ([`exp`], [`quantize_into`]).
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Largest |x|: a NaN is ignored, an infinity returned.
@@ -195,7 +190,7 @@ fn quantize_body(x: &[f32], q: &mut Vec<i8>) -> f32 {
     for (o, &v) in q.iter_mut().zip(x) {
         let c = (v * inv).clamp(-127.0, 127.0);
         let c = if c.is_nan() { 0.0 } else { c };
-        // round_small's first sum holds the rounded integer in its low bits: no saturating
+        // The sum with ROUND_MAGIC holds the rounded integer in its low bits: no saturating
         // float-to-int conversion, which LLVM leaves scalar.
         let shifted = c + ROUND_MAGIC;
         *o = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32) as i8;
@@ -983,7 +978,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.0);
-    // round_small's two additions, keeping the first sum: its bits hold n as an integer
+    // Rounding by adding ROUND_MAGIC, keeping the sum: its bits hold n as an integer
     // (MAGIC's unit in the last place is 1), so 2^n needs no float-to-int conversion, which
     // Rust saturates and LLVM then leaves scalar in loops over this function.
     let shifted = x * LOG2E + ROUND_MAGIC;
@@ -1297,6 +1292,12 @@ mod tests {
         // Clamped, never 0 or infinite: softmax of extreme scores stays a distribution.
         assert_eq!(exp(-1000.0), exp(-87.3));
         assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+    }
+
+    /// Rounds to the nearest integer (ties to even) for |v| < 2^22, in two additions: how
+    /// `exp` and the quantizer rounded before they read the integer from the first sum's bits.
+    fn round_small(v: f32) -> f32 {
+        (v + ROUND_MAGIC) - ROUND_MAGIC
     }
 
     /// `exp` as it was, with 2^n from a float-to-int conversion: the reference that the
