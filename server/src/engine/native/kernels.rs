@@ -1348,7 +1348,8 @@ mod tests {
         rows.push(vec![1.0, f32::NAN, -0.5, f32::from_bits(0x7fc0_0001), 0.25]); // NaN payloads too
         rows.push(vec![3.0, f32::INFINITY, 1.0]);
         rows.push((0..300).map(|i| (i as f32 - 150.0) * 0.5).collect()); // exact .5 ties
-        let mut builds: Vec<(&str, fn(&[f32], &mut Vec<i8>) -> f32)> = vec![("baseline", quantize_body)];
+        type Quantizer = fn(&[f32], &mut Vec<i8>) -> f32;
+        let mut builds: Vec<(&str, Quantizer)> = vec![("baseline", quantize_body)];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") {
