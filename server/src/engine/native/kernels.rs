@@ -294,22 +294,24 @@ pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &
 pub fn gemv<M: RowProduct + ?Sized>(w: &M, x: &QuantVector, y: &mut [f32]) {
     assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
     assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
-    let Some(team) = splitting_team(w.bytes()) else {
-        return w.product_rows(0, x, y);
-    };
-    let part = rows_per_part(w.rows(), team.threads());
-    let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(part).map(Mutex::new).collect();
-    team.run(&|i| {
-        if let Some(ys) = parts.get(i) {
-            w.product_rows(i * part, x, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
-        }
-    });
+    team::with_current(|team| {
+        let Some(team) = team.filter(|t| splits(t, w.bytes())) else {
+            return w.product_rows(0, x, y);
+        };
+        let part = rows_per_part(w.rows(), team.threads());
+        let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(part).map(Mutex::new).collect();
+        team.run(&|i| {
+            if let Some(ys) = parts.get(i) {
+                w.product_rows(i * part, x, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+        });
+    })
 }
 
-/// The team to split a product of `bytes` weights across, if any: smaller products are not
-/// split, since the hand-off would cost more.
-fn splitting_team(bytes: usize) -> Option<&'static Team> {
-    team::current().filter(|t| t.threads() > 1 && bytes >= PARALLEL_MIN_BYTES)
+/// Whether a product of `bytes` weights is split across `team`: smaller ones are not, since
+/// the hand-off would cost more.
+fn splits(team: &Team, bytes: usize) -> bool {
+    team.threads() > 1 && bytes >= PARALLEL_MIN_BYTES
 }
 
 /// Rows per thread: multiples of 4, so each part keeps the 4-row kernel.
@@ -337,22 +339,25 @@ pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [
         assert_eq!(x.q.len(), w.cols(), "vector length does not match the matrix");
         assert_eq!(y.len(), w.rows(), "output length does not match the matrix");
     }
-    let Some(team) = splitting_team(w.bytes()) else {
-        return w.product_rows_batch(0, xs, ys);
-    };
-    let part = rows_per_part(w.rows(), team.threads());
-    let mut parts: Vec<Vec<&mut [f32]>> = (0..w.rows().div_ceil(part)).map(|_| Vec::with_capacity(xs.len())).collect();
-    for y in ys.iter_mut() {
-        for (slot, chunk) in parts.iter_mut().zip(y.chunks_mut(part)) {
-            slot.push(chunk);
+    team::with_current(|team| {
+        let Some(team) = team.filter(|t| splits(t, w.bytes())) else {
+            return w.product_rows_batch(0, xs, ys);
+        };
+        let part = rows_per_part(w.rows(), team.threads());
+        let mut parts: Vec<Vec<&mut [f32]>> =
+            (0..w.rows().div_ceil(part)).map(|_| Vec::with_capacity(xs.len())).collect();
+        for y in ys.iter_mut() {
+            for (slot, chunk) in parts.iter_mut().zip(y.chunks_mut(part)) {
+                slot.push(chunk);
+            }
         }
-    }
-    let parts: Vec<Mutex<Vec<&mut [f32]>>> = parts.into_iter().map(Mutex::new).collect();
-    team.run(&|i| {
-        if let Some(ys) = parts.get(i) {
-            w.product_rows_batch(i * part, xs, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
-        }
-    });
+        let parts: Vec<Mutex<Vec<&mut [f32]>>> = parts.into_iter().map(Mutex::new).collect();
+        team.run(&|i| {
+            if let Some(ys) = parts.get(i) {
+                w.product_rows_batch(i * part, xs, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+        });
+    })
 }
 
 /// Rows `first..first + ys[0].len()` of `W x` for every vector, tile by tile.
@@ -416,7 +421,7 @@ fn parse_cache_size(text: &str) -> Option<usize> {
 
 /// Threads of the decoder [`Team`] this thread runs in; 1 outside any.
 pub fn pool_threads() -> usize {
-    team::current().map_or(1, Team::threads)
+    team::with_current(|t| t.map_or(1, Team::threads))
 }
 
 /// The int8 GEMV kernels, fastest first. One is chosen per process from the CPU's features

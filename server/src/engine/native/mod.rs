@@ -170,7 +170,7 @@ impl NativeDecoder {
                 let mut ys: Vec<&mut [f32]> = out.chunks_mut(2 * inner).collect();
                 layer.cross_kv.product_rows_batch(0, &xs, &mut ys);
             };
-            match team::current().filter(|t| t.threads() > 1 && !inputs.is_empty()) {
+            team::with_current(|team| match team.filter(|t| t.threads() > 1 && !inputs.is_empty()) {
                 // Whole groups of positions per thread, in order.
                 Some(team) => {
                     let per = inputs.len().div_ceil(CROSS_POSITIONS).div_ceil(team.threads()) * CROSS_POSITIONS;
@@ -188,7 +188,7 @@ impl NativeDecoder {
                 None => {
                     inputs.chunks(CROSS_POSITIONS).zip(kv.chunks_mut(CROSS_POSITIONS * 2 * inner)).for_each(project);
                 }
-            }
+            });
             for pos in kv.chunks_exact(2 * inner) {
                 keys[i].extend_from_slice(&pos[..inner]);
                 values[i].extend_from_slice(&pos[inner..]);

@@ -52,7 +52,8 @@ pub struct Team {
 }
 
 thread_local! {
-    /// The team of [`Team::install`] on this thread, if any.
+    /// The team of [`Team::install`] on this thread, if any; handed out only by
+    /// [`with_current`], for no longer than the installation.
     static CURRENT: Cell<Option<&'static Team>> = const { Cell::new(None) };
 }
 
@@ -83,7 +84,7 @@ impl Team {
         self.helpers.len() + 1
     }
 
-    /// Runs `f` with this team as [`current`] on this thread.
+    /// Runs `f` with this team as the current one on this thread ([`with_current`]).
     pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
         // SAFETY: the reference is removed again before `self` can go (the guard below runs
         // on return and on unwinding), so no one reads it past this call.
@@ -149,9 +150,10 @@ impl Drop for Team {
     }
 }
 
-/// The team [`Team::install`]ed on this thread, if any.
-pub fn current() -> Option<&'static Team> {
-    CURRENT.with(Cell::get)
+/// Calls `f` with the team [`Team::install`]ed on this thread, if any: a reference that cannot
+/// leave `f`, since the installation ends with the `install` call around it.
+pub fn with_current<R>(f: impl FnOnce(Option<&Team>) -> R) -> R {
+    f(CURRENT.with(Cell::get))
 }
 
 fn helper(s: &Shared, part: usize) {
@@ -246,10 +248,11 @@ mod tests {
 
     #[test]
     fn install_sets_the_current_team_and_restores_it() {
-        assert!(current().is_none());
+        let threads = || with_current(|t| t.map(Team::threads));
+        assert_eq!(threads(), None);
         let team = Team::new(2, "test").unwrap();
-        team.install(|| assert_eq!(current().map(Team::threads), Some(2)));
-        assert!(current().is_none());
+        team.install(|| assert_eq!(threads(), Some(2)));
+        assert_eq!(threads(), None);
     }
 
     #[test]
