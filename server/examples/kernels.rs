@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use qserver::engine::native::{
     kernels::{gemv, gemv_batch, kernel, streams, tiled_rows, Kernel, QuantVector, RowProduct},
     matrix::{Matrix, WeightFormat},
-    team::Team,
+    team::{Team, Waiting},
 };
 
 /// (d_model, heads x d_kv, d_ff, decoder layers, vocab): the decoder of each shape, gated-GELU.
@@ -123,7 +123,7 @@ fn main() {
 /// interleaved round by round; all three must agree bit for bit.
 fn threaded(mats: &[Matrix], inputs: &[QuantVector], rounds: usize) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let team = Team::new(2, "kernels").unwrap();
+    let team = Team::new(2, "kernels", Waiting::Spin).unwrap();
     let mut outputs: [Vec<Vec<f32>>; 3] = std::array::from_fn(|_| mats.iter().map(|m| vec![0f32; m.rows()]).collect());
     let mut times: [Vec<f64>; 3] = Default::default();
     let step = |outputs: &mut Vec<Vec<f32>>| {

@@ -56,7 +56,8 @@ fn main() {
 
     let mut engines = Vec::new();
     for v in &variants {
-        let mut settings = SessionSettings::new(1);
+        // One engine at a time: its threads have the cores to themselves.
+        let mut settings = SessionSettings { spin_waits: true, ..SessionSettings::new(1) };
         let mut dir = model.clone();
         for item in v.split(',').filter(|s| !s.is_empty() && *s != "-") {
             let (k, val) = item.split_once('=').expect("VARIANT items are key=value");

@@ -269,6 +269,13 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
     }
 
+    /// Whether every thread of every worker has a core of its own (`--workers` x
+    /// `--intra-op-threads` at most the available cores): only then may threads busy-wait.
+    pub fn threads_have_cores(&self) -> bool {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        self.worker_count() * self.intra_op_threads.get() <= cores
+    }
+
     /// `--max-batch-requests`, or the default of the native kernel in use (call it after
     /// `--native-kernel` is applied, so the kernel it asks about is the one that will run).
     pub fn batch_requests(&self) -> usize {
@@ -366,6 +373,18 @@ mod tests {
         let c = Config::try_parse_from(["qserver", "--auth-tokens", "a,b", "--reflection"]).unwrap();
         assert_eq!(c.auth_tokens, ["a", "b"]);
         assert!(c.reflection);
+    }
+
+    #[test]
+    fn threads_spin_only_when_each_has_a_core() {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get).to_string();
+        let one = Config::try_parse_from(["qserver", "--workers", "1", "--intra-op-threads", "1"]).unwrap();
+        assert!(one.threads_have_cores());
+        let all = Config::try_parse_from(["qserver", "--workers", &cores, "--intra-op-threads", "1"]).unwrap();
+        assert!(all.threads_have_cores());
+        // Every worker with two threads on every core: more threads than cores.
+        let over = Config::try_parse_from(["qserver", "--workers", &cores, "--intra-op-threads", "2"]).unwrap();
+        assert!(!over.threads_have_cores());
     }
 
     #[test]

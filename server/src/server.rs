@@ -67,6 +67,7 @@ pub async fn serve(
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
+        decoder_threads_spin = config.threads_have_cores(),
         max_batch_requests = max_batch,
         "loading model"
     );
@@ -119,6 +120,7 @@ pub async fn serve(
         let settings = SessionSettings {
             decoder: config.decoder,
             native_weights: config.native_weights,
+            spin_waits: config.threads_have_cores(),
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);

@@ -31,6 +31,10 @@ pub struct SessionSettings {
     pub decoder: DecoderKind,
     /// How the native decoder stores its step weights (`--native-weights`).
     pub native_weights: WeightFormat,
+    /// The native decoder's threads (`intra_op_threads` above 1) busy-wait for each other
+    /// between the products of a step: only right when every thread of every worker has a
+    /// core of its own (`Waiting` in native/team.rs).
+    pub spin_waits: bool,
     /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
     /// experiments (see docs/performance.md and `examples/profile.rs`).
     pub config_entries: Vec<(String, String)>,

@@ -21,7 +21,10 @@ use super::{
     decode::{new_search, Hypothesis, Search, Special},
     grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
-    native::{team::Team, NativeDecoder, WeightFormat},
+    native::{
+        team::{Team, Waiting},
+        NativeDecoder, WeightFormat,
+    },
     native_steps::NativeBackend,
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
@@ -92,9 +95,10 @@ impl OnnxT5 {
 
         let encoder = open_session(env, &dir.file(model_dir::ENCODER_FILE), settings)?;
         let encoder_io = EncoderIo::discover(dir, &encoder)?;
+        let waiting = if settings.spin_waits { Waiting::Spin } else { Waiting::Block };
         let threads =
             match (&native, settings.intra_op_threads) {
-                (Some(_), n) if n > 1 => Some(Arc::new(Team::new(n, "qserver-decode").map_err(|e| {
+                (Some(_), n) if n > 1 => Some(Arc::new(Team::new(n, "qserver-decode", waiting).map_err(|e| {
                     ModelError::Load { file: dir.root.clone(), reason: format!("decoder threads: {e}") }
                 })?)),
                 _ => None,

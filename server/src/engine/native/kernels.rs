@@ -1121,7 +1121,7 @@ mod tests {
         let w = QuantMatrix::quantize(rows, cols, &pseudo_random(rows * cols, 5));
         let xs = vectors(batch, cols, 50);
         let refs: Vec<&QuantVector> = xs.iter().collect();
-        let team = Team::new(3, "test").unwrap();
+        let team = Team::new(3, "test", team::Waiting::Spin).unwrap();
         let mut batched = vec![vec![0f32; rows]; batch];
         team.install(|| {
             let mut outs: Vec<&mut [f32]> = batched.iter_mut().map(Vec::as_mut_slice).collect();
@@ -1231,7 +1231,7 @@ mod tests {
         x.set(&pseudo_random(cols, 4));
         let mut alone = vec![0f32; rows];
         gemv(&w, &x, &mut alone);
-        let team = Team::new(3, "test").unwrap();
+        let team = Team::new(3, "test", team::Waiting::Spin).unwrap();
         let mut split = vec![0f32; rows];
         team.install(|| {
             assert_eq!(pool_threads(), 3);
