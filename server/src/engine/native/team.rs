@@ -8,7 +8,9 @@
 //! for a while ([`SPIN`]) before they park, and the caller spins on the join: between the
 //! products of a step the helpers are answered in well under a microsecond. That is
 //! [`Waiting::Spin`], for teams whose threads have cores of their own; with more threads than
-//! cores spinning starves the threads waited on, and [`Waiting::Block`] parks at once.
+//! cores spinning starves the threads waited on, and [`Waiting::Block`] parks at once. Either
+//! way each part goes to whichever thread claims it first, so the caller does the parts no
+//! helper has started instead of waiting for it.
 
 use std::{
     cell::Cell,
