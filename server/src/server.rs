@@ -62,12 +62,13 @@ pub async fn serve(
     let model = ModelDir::open(&config.model)?;
     let workers = config.worker_count();
     let max_batch = config.batch_requests();
+    let spin_waits = config.threads_have_cores();
     tracing::info!(
         model = %model.root.display(),
         model_id = %model.model_id,
         workers,
         intra_op_threads = config.intra_op_threads.get(),
-        decoder_threads_spin = config.threads_have_cores(),
+        decoder_threads_spin = spin_waits,
         max_batch_requests = max_batch,
         "loading model"
     );
@@ -120,7 +121,7 @@ pub async fn serve(
         let settings = SessionSettings {
             decoder: config.decoder,
             native_weights: config.native_weights,
-            spin_waits: config.threads_have_cores(),
+            spin_waits,
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);

@@ -8,8 +8,6 @@
 //! speed of a plain read. Integer sums are exact, so the AVX2 and scalar paths agree bit for bit,
 //! and splitting the rows across threads changes no result.
 
-use std::sync::Mutex;
-
 use super::team::{self, Team};
 
 /// An int8 matrix, row-major `[rows][cols]`, one fp32 scale per row: `w ≈ q * scale[row]`.
@@ -40,8 +38,16 @@ pub struct QuantVector {
 const LANES: usize = 8;
 
 /// 1.5 * 2^23: adding it rounds an f32 below 2^22 in magnitude to an integer (ties to even),
-/// which the sum then holds in its low mantissa bits ([`exp`], [`quantize_into`]).
+/// which the sum then holds in its low mantissa bits ([`round_to_int`]).
 const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `v` rounded to the nearest integer (ties to even), for |v| < 2^22: read from the bits of
+/// `v + ROUND_MAGIC`, not by a float-to-int conversion, which Rust saturates and LLVM then
+/// leaves scalar in the loops of [`exp`] and [`quantize_into`].
+#[inline(always)]
+fn round_to_int(v: f32) -> i32 {
+    ((v + ROUND_MAGIC).to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32)
+}
 
 /// Largest |x|: a NaN is ignored, an infinity returned.
 #[inline(always)]
@@ -190,10 +196,7 @@ fn quantize_body(x: &[f32], q: &mut Vec<i8>) -> f32 {
     for (o, &v) in q.iter_mut().zip(x) {
         let c = (v * inv).clamp(-127.0, 127.0);
         let c = if c.is_nan() { 0.0 } else { c };
-        // The sum with ROUND_MAGIC holds the rounded integer in its low bits: no saturating
-        // float-to-int conversion, which LLVM leaves scalar.
-        let shifted = c + ROUND_MAGIC;
-        *o = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32) as i8;
+        *o = round_to_int(c) as i8;
     }
     amax / 127.0
 }
@@ -299,12 +302,7 @@ pub fn gemv<M: RowProduct + ?Sized>(w: &M, x: &QuantVector, y: &mut [f32]) {
             return w.product_rows(0, x, y);
         };
         let part = rows_per_part(w.rows(), team.threads());
-        let parts: Vec<Mutex<&mut [f32]>> = y.chunks_mut(part).map(Mutex::new).collect();
-        team.run(&|i| {
-            if let Some(ys) = parts.get(i) {
-                w.product_rows(i * part, x, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
-            }
-        });
+        team.run_parts(y.chunks_mut(part).collect(), |i, ys| w.product_rows(i * part, x, ys));
     })
 }
 
@@ -351,12 +349,7 @@ pub fn gemv_batch<M: RowProduct + ?Sized>(w: &M, xs: &[&QuantVector], ys: &mut [
                 slot.push(chunk);
             }
         }
-        let parts: Vec<Mutex<Vec<&mut [f32]>>> = parts.into_iter().map(Mutex::new).collect();
-        team.run(&|i| {
-            if let Some(ys) = parts.get(i) {
-                w.product_rows_batch(i * part, xs, &mut ys.lock().unwrap_or_else(|e| e.into_inner()));
-            }
-        });
+        team.run_parts(parts, |i, ys| w.product_rows_batch(i * part, xs, ys));
     })
 }
 
@@ -417,11 +410,6 @@ fn parse_cache_size(text: &str) -> Option<usize> {
         "G" => Some(n << 30),
         _ => None,
     }
-}
-
-/// Threads of the decoder [`Team`] this thread runs in; 1 outside any.
-pub fn pool_threads() -> usize {
-    team::with_current(|t| t.map_or(1, Team::threads))
 }
 
 /// The int8 GEMV kernels, fastest first. One is chosen per process from the CPU's features
@@ -983,12 +971,8 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.0);
-    // Rounding by adding ROUND_MAGIC, keeping the sum: its bits hold n as an integer
-    // (MAGIC's unit in the last place is 1), so 2^n needs no float-to-int conversion, which
-    // Rust saturates and LLVM then leaves scalar in loops over this function.
-    let shifted = x * LOG2E + ROUND_MAGIC;
-    let n = shifted - ROUND_MAGIC;
-    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let n_int = round_to_int(x * LOG2E);
+    let n = n_int as f32; // exact: |n| <= 127
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
@@ -1234,7 +1218,7 @@ mod tests {
         let team = Team::new(3, "test", team::Waiting::Spin).unwrap();
         let mut split = vec![0f32; rows];
         team.install(|| {
-            assert_eq!(pool_threads(), 3);
+            assert_eq!(team::with_current(|t| t.map(Team::threads)), Some(3));
             gemv(&w, &x, &mut split)
         });
         assert_eq!(alone, split);

@@ -16,7 +16,7 @@ pub mod q4;
 pub mod team;
 pub mod weights;
 
-use std::{path::Path, sync::Mutex};
+use std::path::Path;
 
 use kernels::{dot, gelu_new, gemv_batch, rms_norm, softmax, weighted_sum, QuantVector, RowProduct};
 pub use matrix::WeightFormat;
@@ -174,15 +174,9 @@ impl NativeDecoder {
                 // Whole groups of positions per thread, in order.
                 Some(team) => {
                     let per = inputs.len().div_ceil(CROSS_POSITIONS).div_ceil(team.threads()) * CROSS_POSITIONS;
-                    let outs: Vec<Mutex<&mut [f32]>> = kv.chunks_mut(per * 2 * inner).map(Mutex::new).collect();
-                    team.run(&|i| {
-                        if let Some(out) = outs.get(i) {
-                            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-                            let qvs = &inputs[i * per..(i * per + out.len() / (2 * inner))];
-                            qvs.chunks(CROSS_POSITIONS)
-                                .zip(out.chunks_mut(CROSS_POSITIONS * 2 * inner))
-                                .for_each(project);
-                        }
+                    team.run_parts(kv.chunks_mut(per * 2 * inner).collect(), |i, out| {
+                        let qvs = &inputs[i * per..(i * per + out.len() / (2 * inner))];
+                        qvs.chunks(CROSS_POSITIONS).zip(out.chunks_mut(CROSS_POSITIONS * 2 * inner)).for_each(project);
                     });
                 }
                 None => {

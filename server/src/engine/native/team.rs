@@ -15,7 +15,7 @@
 use std::{
     cell::Cell,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
         Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
@@ -79,8 +79,8 @@ struct Shared {
     /// swap, within the job's epoch) runs that part, so a part runs once, and the caller takes
     /// the parts no helper got to: a helper that is asleep or off its core delays nothing.
     claim: AtomicU64,
-    /// Parts of the current job.
-    parts: AtomicUsize,
+    /// Parts of every job: one per thread.
+    parts: usize,
     /// Parts of the current job that helpers finished.
     finished: AtomicUsize,
     /// Helpers parked (or about to park) on `wake`.
@@ -101,7 +101,7 @@ impl Shared {
         let mut cur = self.claim.load(SeqCst);
         loop {
             let part = (cur & PART_MASK) as usize;
-            if (cur >> PART_BITS) as u32 != epoch || part >= self.parts.load(SeqCst) {
+            if (cur >> PART_BITS) as u32 != epoch || part >= self.parts {
                 return None;
             }
             match self.claim.compare_exchange(cur, cur + 1, SeqCst, SeqCst) {
@@ -118,8 +118,6 @@ pub struct Team {
     helpers: Vec<JoinHandle<()>>,
     /// Held for a whole [`Team::run`]: callers on two threads take turns.
     running: Mutex<()>,
-    /// The last job's epoch (only [`Team::run`] moves it, under `running`).
-    epoch: AtomicU32,
 }
 
 thread_local! {
@@ -139,7 +137,7 @@ impl Team {
             spin,
             yield_after,
             claim: AtomicU64::new(0),
-            parts: AtomicUsize::new(0),
+            parts: threads.max(1),
             finished: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
@@ -154,7 +152,7 @@ impl Team {
                 std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || helper(&shared))
             })
             .collect::<std::io::Result<_>>()?;
-        Ok(Self { shared, helpers, running: Mutex::new(()), epoch: AtomicU32::new(0) })
+        Ok(Self { shared, helpers, running: Mutex::new(()) })
     }
 
     /// Threads in the team, the caller included.
@@ -186,14 +184,14 @@ impl Team {
         }
         let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let s = &self.shared;
-        let parts = self.threads();
-        let epoch = self.epoch.fetch_add(1, SeqCst).wrapping_add(1);
+        let parts = s.parts;
+        // Only this function moves the epoch on, under `running`.
+        let epoch = ((s.claim.load(SeqCst) >> PART_BITS) as u32).wrapping_add(1);
         // SAFETY (lifetime): the helpers call the job only for parts they claimed in this epoch,
         // and `Join` below waits for every claimed part before this function returns.
         let job = JobPtr(unsafe {
             std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(f)
         });
-        s.parts.store(parts, SeqCst);
         s.finished.store(0, SeqCst);
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, job));
         // Part 0 is the caller's.
@@ -233,6 +231,18 @@ impl Team {
         if s.panicked.swap(false, SeqCst) {
             panic!("a decoder team thread panicked");
         }
+    }
+
+    /// `f(i, &mut parts[i])` for every part (at most one per thread), each on whichever thread
+    /// claims it first ([`Team::run`]): what a split product hands each thread.
+    pub fn run_parts<T: Send>(&self, parts: Vec<T>, f: impl Fn(usize, &mut T) + Sync) {
+        assert!(parts.len() <= self.threads(), "more parts than threads");
+        let parts: Vec<Mutex<T>> = parts.into_iter().map(Mutex::new).collect();
+        self.run(&|i| {
+            if let Some(part) = parts.get(i) {
+                f(i, &mut part.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+        });
     }
 }
 
