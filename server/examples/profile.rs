@@ -5,7 +5,7 @@
 //! `cargo run --release -p qserver --example profile -- MODEL_DIR ITERS TOKENS [VARIANT ...]`
 //!
 //! A VARIANT is `-` (defaults) or comma-separated `key=value` items: `dir=PATH` (another
-//! model directory), `threads=N` (intra-op threads), `mempattern=0|1`, `arena=0|1` (CPU memory arena), `profile=PREFIX` (ONNX Runtime per-node
+//! model directory), `threads=N` (intra-op threads), `drafts=N` (draft tokens per step), `mempattern=0|1`, `arena=0|1` (CPU memory arena), `profile=PREFIX` (ONNX Runtime per-node
 //! JSON profile), anything else is an ONNX Runtime session config entry, e.g.
 //! `session.intra_op.allow_spinning=0`. `WARMUP=n` untimed runs per variant first (default 2).
 //! `QUERY=...` replaces the query.
@@ -64,6 +64,7 @@ fn main() {
             match k {
                 "dir" => dir = PathBuf::from(val),
                 "threads" => settings.intra_op_threads = val.parse().unwrap(),
+                "drafts" => settings.draft_tokens = val.parse().unwrap(),
                 "mempattern" => settings.memory_pattern = Some(val == "1"),
                 "arena" => settings.cpu_arena = Some(val == "1"),
                 "profile" => settings.profile_prefix = Some(PathBuf::from(val)),

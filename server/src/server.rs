@@ -70,6 +70,7 @@ pub async fn serve(
         intra_op_threads = config.intra_op_threads.get(),
         decoder_threads_spin = spin_waits,
         max_batch_requests = max_batch,
+        draft_tokens = config.draft_tokens,
         "loading model"
     );
     match model.grounding.as_ref().and_then(|rules| rules.vocabulary.as_ref()) {
@@ -122,6 +123,7 @@ pub async fn serve(
             decoder: config.decoder,
             native_weights: config.native_weights,
             spin_waits,
+            draft_tokens: config.draft_tokens,
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);

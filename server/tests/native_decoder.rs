@@ -240,11 +240,91 @@ fn rows_of_different_sources_stepped_together_get_the_logits_they_get_alone() {
             .zip(&crosses)
             .zip(logits.iter_mut())
             .enumerate()
-            .map(|(r, ((cache, cross), out))| StepRow { token: tokens[r][step], cache, cross, logits: out })
+            .map(|(r, ((cache, cross), out))| StepRow {
+                tokens: std::slice::from_ref(&tokens[r][step]),
+                cache,
+                cross,
+                logits: out,
+            })
             .collect();
         native.step_batch(&mut batch, &mut sc);
         for r in 0..3 {
             assert!(logits[r] == alone[r][step], "row {r} step {step}: batched logits differ from alone");
         }
     }
+}
+
+#[test]
+fn tokens_fed_together_get_the_logits_they_get_one_step_at_a_time() {
+    use qserver::engine::native::{Scratch, StepRow};
+    let dir = ModelDir::open(&common::model_dir()).unwrap();
+    let native =
+        qserver::engine::native_steps::load_native(&dir, DecoderKind::Native, Default::default()).unwrap().unwrap();
+    let (d, vocab) = (native.shape().d_model, native.shape().vocab);
+    let states: Vec<f32> = (0..11 * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let cross = native.cross_cache(&states);
+    let tokens: [u32; 7] = [0, 40, 41, 7, 3, 900, 12];
+    // The reference: one token per step.
+    let (mut cache, mut sc) = (native.new_row(), Scratch::default());
+    let alone: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| {
+            let mut logits = vec![0f32; vocab];
+            native.step(t, &mut cache, &cross, &mut sc, &mut logits);
+            logits
+        })
+        .collect();
+    // Steps of 1, 4 (a token and three drafts, the last rejected and rewound) and 3 tokens,
+    // beside another row fed one token a step: every position's logits are the same bits.
+    let (mut cache, mut other) = (native.new_row(), native.new_row());
+    let mut fed = 0;
+    for (n, rewind) in [(1usize, 0usize), (4, 1), (3, 0)] {
+        let mut logits = vec![0f32; n * vocab];
+        let mut beside = vec![0f32; vocab];
+        let mut batch = vec![
+            StepRow { tokens: &[5], cache: &mut other, cross: &cross, logits: &mut beside },
+            StepRow { tokens: &tokens[fed..fed + n], cache: &mut cache, cross: &cross, logits: &mut logits },
+        ];
+        native.step_batch(&mut batch, &mut sc);
+        for (p, got) in logits.chunks_exact(vocab).enumerate().take(n - rewind) {
+            assert!(got == alone[fed + p].as_slice(), "position {} fed in a step of {n}: logits differ", fed + p);
+        }
+        cache.rewind(rewind);
+        fed += n - rewind;
+        assert_eq!(cache.steps(), fed);
+    }
+    assert_eq!(fed, tokens.len());
+}
+
+#[test]
+fn drafts_leave_every_answer_as_it_was() {
+    // Greedy and seeded sampling over the test set, with drafts and without: the same texts,
+    // scores and token counts (engine/lookup.rs; the drafts are only a guess the model checks).
+    let queries = test_queries();
+    let mut engines: Vec<OnnxT5> = [0, 3]
+        .into_iter()
+        .map(|draft_tokens| {
+            let env = qserver::runtime::init(None).unwrap();
+            let settings = SessionSettings { decoder: DecoderKind::Native, draft_tokens, ..SessionSettings::new(1) };
+            OnnxT5::load(&env, &ModelDir::open(&common::model_dir()).unwrap(), &settings).unwrap()
+        })
+        .collect();
+    let searches = [SearchKind::Greedy, SearchKind::Sample { num_return_sequences: 1, temperature: 0.7, seed: 11 }];
+    let mut differing = 0;
+    for search in searches {
+        for q in &queries {
+            let req = request(q, search, 64, false);
+            let cancel = CancelToken::new(None);
+            let plain = engines[0].generate(&req, &cancel).unwrap();
+            let drafted = engines[1].generate(&req, &cancel).unwrap();
+            let key = |g: &qserver::engine::Generation| {
+                g.candidates.iter().map(|c| (c.text.clone(), c.score.to_bits(), c.tokens)).collect::<Vec<_>>()
+            };
+            if key(&plain) != key(&drafted) {
+                differing += 1;
+                eprintln!("{q:?} ({search:?}): {:?} against {:?}", key(&drafted), key(&plain));
+            }
+        }
+    }
+    assert_eq!(differing, 0, "answers changed by drafting");
 }

@@ -9,15 +9,16 @@ use std::sync::Arc;
 
 use super::{
     native::{NativeDecoder, Scratch},
-    native_steps::{step_requests, NativeRequest},
+    native_steps::{step_requests, DraftBudget, NativeRequest},
     onnx_t5::{OnnxT5, Timed},
-    steps::Decoding,
+    steps::{Advanced, Decoding},
     Batching, CancelToken, EngineError, GenerateRequest, Generation,
 };
 
 /// The requests in flight on one worker, and the buffers their steps share.
 pub struct Batch {
     native: Arc<NativeDecoder>,
+    drafts: DraftBudget,
     requests: Vec<InFlight>,
     scratch: Scratch,
     logits: Vec<f32>,
@@ -39,8 +40,8 @@ impl InFlight {
 }
 
 impl Batch {
-    pub fn new(native: Arc<NativeDecoder>) -> Self {
-        Self { native, requests: Vec::new(), scratch: Scratch::default(), logits: Vec::new() }
+    pub fn new(native: Arc<NativeDecoder>, drafts: DraftBudget) -> Self {
+        Self { native, drafts, requests: Vec::new(), scratch: Scratch::default(), logits: Vec::new() }
     }
 
     /// One step for every request still running; a request whose client left or whose
@@ -55,8 +56,17 @@ impl Batch {
         if running.is_empty() {
             return;
         }
-        let mut feeds: Vec<(&mut NativeRequest, &[i64])> =
-            running.iter_mut().map(|r| (&mut r.rows, r.decoding.tokens())).collect();
+        // Drafts fill the rows the step has to spare, first come first served.
+        let mut taken: usize = running.iter().map(|r| r.decoding.rows()).sum();
+        let mut feeds: Vec<(&mut NativeRequest, &[i64])> = Vec::with_capacity(running.len());
+        for r in running.iter_mut() {
+            let r = &mut **r;
+            let rows = r.decoding.rows();
+            let fed = r.decoding.feed(self.drafts.drafts(taken));
+            taken += fed.len() - rows;
+            feeds.push((&mut r.rows, fed));
+        }
+        let fed_counts: Vec<usize> = feeds.iter().map(|(_, fed)| fed.len()).collect();
         if let Err(e) = step_requests(&self.native, &mut feeds, &mut self.scratch, &mut self.logits) {
             let message = match e {
                 EngineError::Model(m) => m,
@@ -69,11 +79,12 @@ impl Batch {
         }
         let vocab = self.native.shape().vocab;
         let mut offset = 0;
-        for r in running {
-            let n = r.decoding.rows() * vocab;
+        for (r, fed) in running.into_iter().zip(fed_counts) {
+            let n = fed * vocab;
             match r.decoding.advance(&self.logits[offset..offset + n]) {
-                Ok(Some(parents)) => r.rows.reorder(parents),
-                Ok(None) => {}
+                Ok(Advanced::Kept) => {}
+                Ok(Advanced::Reorder(parents)) => r.rows.reorder(parents),
+                Ok(Advanced::Rewind(positions)) => r.rows.rewind(positions),
                 Err(e) => r.failed = Some(e),
             }
             offset += n;
@@ -97,12 +108,13 @@ impl OnnxT5 {
 impl Batching for OnnxT5 {
     fn join(&mut self, tag: u64, req: &GenerateRequest, cancel: CancelToken) -> Result<(), EngineError> {
         self.in_pool(|engine| {
-            let (states, timed) = engine.prepare(req, &cancel)?;
+            let prepared = engine.prepare(req, &cancel)?;
             let search = engine.search_for(req);
             let start = engine.start_token();
             let batch = engine.batch_mut();
-            let rows = NativeRequest::begin(&batch.native, &states, search.rows())?;
-            let decoding = Decoding::new(search, start, req.params.max_new_tokens);
+            let rows = NativeRequest::begin(&batch.native, &prepared.states, search.rows())?;
+            let decoding = Decoding::new(search, start, req.params.max_new_tokens).drafting_from(&prepared.ids);
+            let timed = prepared.timed;
             batch.requests.push(InFlight { tag, cancel, decoding, rows, timed, failed: None });
             Ok(())
         })

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod factory;
 pub mod grounding;
 pub mod logits;
+pub mod lookup;
 pub mod model_dir;
 pub mod native;
 pub mod native_steps;

@@ -7,7 +7,7 @@ use ort::value::DynValue;
 
 use super::{
     model_dir::{self, ModelDir, ModelError},
-    native::{CrossCache, DecoderShape, NativeDecoder, RowCache, Scratch, StepRow, WeightFormat},
+    native::{kernels, CrossCache, DecoderShape, NativeDecoder, RowCache, Scratch, StepRow, WeightFormat},
     steps::{DecoderBackend, DecoderSteps},
     DecoderKind, EngineError,
 };
@@ -31,8 +31,33 @@ pub fn load_native(
     NativeDecoder::load(checkpoint, shape, format).map(|d| Some(Arc::new(d)))
 }
 
+/// How many draft tokens a step carries ([`super::lookup`]): up to `per_request` after the
+/// next token of a one-row request, while the step's rows stay within what the kernel's
+/// batched product reads for about the price of one ([`kernels::Kernel::free_rows`]), so a
+/// rejected draft costs little and a loaded worker's full batch none.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftBudget {
+    per_request: usize,
+    rows: usize,
+}
+
+impl DraftBudget {
+    /// `per_request` drafts at most (`--draft-tokens`; 0 turns drafting off).
+    pub fn new(per_request: usize) -> Self {
+        Self { per_request, rows: kernels::kernel().free_rows() }
+    }
+
+    /// Drafts for a one-row request when the step already has `taken` rows (its own included).
+    pub fn drafts(&self, taken: usize) -> usize {
+        self.per_request.min(self.rows.saturating_sub(taken))
+    }
+}
+
 /// One worker's handle on the shared native decoder.
-pub struct NativeBackend(pub Arc<NativeDecoder>);
+pub struct NativeBackend {
+    pub native: Arc<NativeDecoder>,
+    pub drafts: DraftBudget,
+}
 
 /// The decoder state of one request on the native decoder: the cross-attention keys and values
 /// of its source, computed once, and one self-attention cache per row.
@@ -56,10 +81,16 @@ impl NativeRequest {
     pub fn reorder(&mut self, parents: &[usize]) {
         self.caches = parents.iter().map(|&p| self.caches[p].clone()).collect();
     }
+
+    /// Forgets the last `positions` fed tokens of every row (rejected drafts).
+    pub fn rewind(&mut self, positions: usize) {
+        self.caches.iter_mut().for_each(|c| c.rewind(positions));
+    }
 }
 
-/// One decoder step for the rows of several requests, each fed its `tokens`: every matrix is
-/// read once for all of them. `logits` gets `rows x vocab` per request, in order.
+/// One decoder step for the rows of several requests, each request fed its `tokens` (the same
+/// number per row, consecutive per row: one each, or a token and its drafts): every matrix is
+/// read once for all of them. `logits` gets `vocab` per fed token, in the order fed.
 pub fn step_requests(
     native: &NativeDecoder,
     requests: &mut [(&mut NativeRequest, &[i64])],
@@ -67,21 +98,28 @@ pub fn step_requests(
     logits: &mut Vec<f32>,
 ) -> Result<(), EngineError> {
     let vocab = native.shape().vocab;
-    let rows: usize = requests.iter().map(|(r, _)| r.caches.len()).sum();
-    logits.resize(rows * vocab, 0.0);
-    let mut outs = logits.chunks_exact_mut(vocab);
-    let mut batch = Vec::with_capacity(rows);
+    let mut ids = Vec::with_capacity(requests.iter().map(|(_, t)| t.len()).sum());
+    for (request, tokens) in requests.iter() {
+        let rows = request.caches.len();
+        if rows == 0 || tokens.is_empty() || tokens.len() % rows != 0 {
+            return Err(EngineError::Model(format!("{} tokens fed to {rows} rows", tokens.len())));
+        }
+        for &token in tokens.iter() {
+            ids.push(u32::try_from(token).map_err(|_| EngineError::Model(format!("token id {token} out of range")))?);
+        }
+    }
+    logits.resize(ids.len() * vocab, 0.0);
+    let (mut ids, mut outs) = (ids.as_slice(), logits.as_mut_slice());
+    let mut batch = Vec::with_capacity(requests.len());
     for (request, tokens) in requests.iter_mut() {
         let request = &mut **request;
-        if tokens.len() != request.caches.len() {
-            return Err(EngineError::Model(format!("{} tokens fed to {} rows", tokens.len(), request.caches.len())));
-        }
+        let per_row = tokens.len() / request.caches.len();
         let cross = &request.cross;
-        for (&token, cache) in tokens.iter().zip(request.caches.iter_mut()) {
-            let token =
-                u32::try_from(token).map_err(|_| EngineError::Model(format!("token id {token} out of range")))?;
-            let logits = outs.next().expect("one logits row per decoder row");
-            batch.push(StepRow { token, cache, cross, logits });
+        for cache in request.caches.iter_mut() {
+            let (fed, rest) = ids.split_at(per_row);
+            let (out, more) = std::mem::take(&mut outs).split_at_mut(per_row * vocab);
+            (ids, outs) = (rest, more);
+            batch.push(StepRow { tokens: fed, cache, cross, logits: out });
         }
     }
     native.step_batch(&mut batch, scratch);
@@ -91,6 +129,7 @@ pub fn step_requests(
 /// [`DecoderSteps`] of one request on the native decoder (its beam's rows share each pass).
 struct NativeSteps<'a> {
     native: &'a NativeDecoder,
+    drafts: DraftBudget,
     request: NativeRequest,
     scratch: Scratch,
     logits: Vec<f32>,
@@ -106,9 +145,15 @@ impl DecoderBackend for NativeBackend {
         encoder_states: DynValue,
         rows: usize,
     ) -> Result<Box<dyn DecoderSteps + 'a>, EngineError> {
-        let native: &NativeDecoder = &self.0;
+        let native: &NativeDecoder = &self.native;
         let request = NativeRequest::begin(native, &encoder_states, rows)?;
-        Ok(Box::new(NativeSteps { native, request, scratch: Scratch::default(), logits: Vec::new() }))
+        Ok(Box::new(NativeSteps {
+            native,
+            drafts: self.drafts,
+            request,
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+        }))
     }
 }
 
@@ -120,6 +165,19 @@ impl DecoderSteps for NativeSteps<'_> {
 
     fn reorder(&mut self, parents: &[usize]) -> Result<(), EngineError> {
         self.request.reorder(parents);
+        Ok(())
+    }
+
+    fn drafts(&self, rows: usize) -> usize {
+        if rows == 1 {
+            self.drafts.drafts(1)
+        } else {
+            0
+        }
+    }
+
+    fn rewind(&mut self, positions: usize) -> Result<(), EngineError> {
+        self.request.rewind(positions);
         Ok(())
     }
 }

@@ -35,6 +35,9 @@ pub struct SessionSettings {
     /// between the products of a step: only right when every thread of every worker has a
     /// core of its own (`Waiting` in native/team.rs).
     pub spin_waits: bool,
+    /// Draft tokens the native decoder checks per step after a one-row request's next token
+    /// (`--draft-tokens`; 0: none).
+    pub draft_tokens: usize,
     /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
     /// experiments (see docs/performance.md and `examples/profile.rs`).
     pub config_entries: Vec<(String, String)>,

@@ -25,7 +25,7 @@ use super::{
         team::{Team, Waiting},
         NativeDecoder, WeightFormat,
     },
-    native_steps::NativeBackend,
+    native_steps::{DraftBudget, NativeBackend},
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
     steps::{run_search, DecoderBackend},
@@ -103,14 +103,15 @@ impl OnnxT5 {
                 })?)),
                 _ => None,
             };
+        let drafts = DraftBudget::new(settings.draft_tokens);
         // Continuous batching on int8 weights only: the 4-bit kernels have no batched form, and
         // batching q4 steps tile by tile measured no gain and a worse tail (docs/performance.md).
         let batch = native
             .as_ref()
             .filter(|native| native.weight_format() == WeightFormat::Int8)
-            .map(|native| Batch::new(Arc::clone(native)));
+            .map(|native| Batch::new(Arc::clone(native), drafts));
         let decoder: Box<dyn DecoderBackend> = match native {
-            Some(native) => Box::new(NativeBackend(native)),
+            Some(native) => Box::new(NativeBackend { native, drafts }),
             None => Box::new(OnnxDecoder::load(env, dir, settings)?),
         };
         let grounding = dir.grounding.as_ref().map(|rules| {
@@ -192,13 +193,13 @@ impl OnnxT5 {
     /// Decodes the encoder's output with the request's search on the decoder backend.
     fn decode(
         &mut self,
-        encoder_states: DynValue,
+        prepared: Prepared,
         req: &GenerateRequest,
         cancel: &CancelToken,
     ) -> Result<Vec<Hypothesis>, EngineError> {
         let (search, start) = (self.search_for(req), self.start_token());
-        let mut steps = self.decoder.begin(encoder_states, search.rows())?;
-        run_search(steps.as_mut(), search, start, req.params.max_new_tokens, cancel)
+        let mut steps = self.decoder.begin(prepared.states, search.rows())?;
+        run_search(steps.as_mut(), search, &prepared.ids, start, req.params.max_new_tokens, cancel)
     }
 
     /// Runs `f` with the native decoder's thread team when it has one, so that its matrix
@@ -210,18 +211,15 @@ impl OnnxT5 {
         }
     }
 
-    /// Tokenizes and encodes one request: the encoder's output, and what the answer reports.
-    pub(super) fn prepare(
-        &mut self,
-        req: &GenerateRequest,
-        cancel: &CancelToken,
-    ) -> Result<(DynValue, Timed), EngineError> {
+    /// Tokenizes and encodes one request.
+    pub(super) fn prepare(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Prepared, EngineError> {
         let started = Instant::now();
         cancel.check(0)?;
         let (ids, truncated) = self.tokenize(req)?;
         let tokenized = Instant::now();
         let states = self.encode(&ids)?;
-        Ok((states, Timed { started, tokenized, encoded: Instant::now(), input_tokens: ids.len(), truncated }))
+        let timed = Timed { started, tokenized, encoded: Instant::now(), input_tokens: ids.len(), truncated };
+        Ok(Prepared { states, ids, timed })
     }
 
     /// The answer: the hypotheses detokenized, with the request's timings.
@@ -250,6 +248,14 @@ impl OnnxT5 {
     pub(super) fn start_token(&self) -> u32 {
         self.config.decoder_start_token_id
     }
+}
+
+/// A tokenized and encoded request: the encoder's output, the query's token ids (drafts are
+/// looked up in them) and what the answer reports.
+pub(super) struct Prepared {
+    pub states: DynValue,
+    pub ids: Vec<i64>,
+    pub timed: Timed,
 }
 
 /// A tokenized and encoded request's timings and input, for its answer.
@@ -282,8 +288,9 @@ impl Engine for OnnxT5 {
 
 impl OnnxT5 {
     fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
-        let (states, timed) = self.prepare(req, cancel)?;
-        let hyps = self.decode(states, req, cancel)?;
+        let prepared = self.prepare(req, cancel)?;
+        let timed = prepared.timed;
+        let hyps = self.decode(prepared, req, cancel)?;
         self.answer(timed, &hyps)
     }
 

@@ -45,6 +45,23 @@ pub struct RowCache {
     values: Vec<Vec<f32>>,
 }
 
+impl RowCache {
+    /// Positions fed so far.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Forgets the last `positions` fed tokens (drafts the search rejected).
+    pub fn rewind(&mut self, positions: usize) {
+        let keep = self.steps.saturating_sub(positions);
+        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let per_step = layer.len() / self.steps.max(1);
+            layer.truncate(keep * per_step);
+        }
+        self.steps = keep;
+    }
+}
+
 /// Reusable buffers of the rows of one step, so a step allocates nothing once they have grown.
 #[derive(Default)]
 pub struct Scratch {
@@ -64,11 +81,11 @@ struct RowScratch {
     ff: Vec<f32>,
 }
 
-/// One row of a batched decoder step ([`NativeDecoder::step_batch`]): the token it is fed,
-/// its self-attention cache, the cross-attention cache of its source, and where the next
-/// token's logits go (vocab entries).
+/// One row of a batched decoder step ([`NativeDecoder::step_batch`]): the tokens it is fed
+/// (one, or a token and drafts after it), its self-attention cache, the cross-attention cache
+/// of its source, and where the logits after each token go (vocab entries per token).
 pub struct StepRow<'a> {
-    pub token: u32,
+    pub tokens: &'a [u32],
     pub cache: &'a mut RowCache,
     pub cross: &'a CrossCache,
     pub logits: &'a mut [f32],
@@ -198,27 +215,30 @@ impl NativeDecoder {
 
     /// Feeds one token to one row; writes the next token's logits (vocab entries).
     pub fn step(&self, token: u32, row: &mut RowCache, cross: &CrossCache, sc: &mut Scratch, logits: &mut [f32]) {
-        self.step_batch(&mut [StepRow { token, cache: row, cross, logits }], sc);
+        self.step_batch(&mut [StepRow { tokens: &[token], cache: row, cross, logits }], sc);
     }
 
-    /// Feeds one token to each row, of one request or of several (continuous batching): each
-    /// matrix is read once for all rows. Every row's arithmetic is the one [`Self::step`]
-    /// does for it alone, bit for bit, so an answer never depends on its neighbours.
+    /// Feeds each row its tokens, for one request or several (continuous batching): each
+    /// matrix is read once for every fed position. Each position's arithmetic is the one
+    /// [`Self::step`] does for it alone, bit for bit: positions of one row attend to the ones
+    /// before them, as if fed one step at a time, and an answer never depends on its neighbours.
     pub fn step_batch(&self, batch: &mut [StepRow<'_>], sc: &mut Scratch) {
         let s = &self.w.shape;
         let (d, inner, heads) = (s.d_model, s.inner(), s.num_heads);
-        if sc.rows.len() < batch.len() {
-            sc.rows.resize_with(batch.len(), RowScratch::default);
+        let positions: usize = batch.iter().map(|row| row.tokens.len()).sum();
+        if sc.rows.len() < positions {
+            sc.rows.resize_with(positions, RowScratch::default);
         }
-        let rows = &mut sc.rows[..batch.len()];
-        for (row, r) in batch.iter().zip(rows.iter_mut()) {
-            let token = (row.token as usize).min(s.vocab - 1);
+        let rows = &mut sc.rows[..positions];
+        let fed = batch.iter().flat_map(|row| (0..row.tokens.len()).map(move |p| (row, p)));
+        for ((row, p), r) in fed.zip(rows.iter_mut()) {
+            let token = (row.tokens[p] as usize).min(s.vocab - 1);
             r.hidden.clear();
             r.hidden.extend_from_slice(&self.w.embed[token * d..(token + 1) * d]);
             r.normed.resize(d, 0.0);
             r.ctx.resize(inner, 0.0);
-            // Position bias of this query against every cached key (shared by all layers).
-            let t = row.cache.steps;
+            // Position bias of this query against every key before it (shared by all layers).
+            let t = row.cache.steps + p;
             r.bias.resize(heads * (t + 1), 0.0);
             for j in 0..=t {
                 let bucket = causal_bucket(t - j, s.num_buckets, s.max_distance);
@@ -234,8 +254,10 @@ impl NativeDecoder {
             self.feed_forward(layer, rows);
         }
 
-        for (row, r) in batch.iter_mut().zip(rows.iter_mut()) {
-            row.cache.steps += 1;
+        for row in batch.iter_mut() {
+            row.cache.steps += row.tokens.len();
+        }
+        for r in rows.iter_mut() {
             rms_norm(&r.hidden, &self.w.final_norm, s.eps, &mut r.normed);
             if s.tied {
                 let scale = (d as f32).powf(-0.5);
@@ -244,7 +266,8 @@ impl NativeDecoder {
             r.qv.set(&r.normed);
         }
         let xs: Vec<&QuantVector> = rows.iter().map(|r| &r.qv).collect();
-        let mut ys: Vec<&mut [f32]> = batch.iter_mut().map(|row| &mut *row.logits).collect();
+        let mut ys: Vec<&mut [f32]> = batch.iter_mut().flat_map(|row| row.logits.chunks_exact_mut(s.vocab)).collect();
+        assert_eq!(ys.len(), xs.len(), "vocab logits per fed token");
         gemv_batch(&self.w.lm_head, &xs, &mut ys);
     }
 
@@ -261,13 +284,21 @@ impl NativeDecoder {
         let inner = s.inner();
         self.norm_rows(&layer.self_norm, rows);
         project(&layer.qkv, rows, into_proj);
-        for (row, r) in batch.iter_mut().zip(rows.iter_mut()) {
+        let mut first = 0;
+        for row in batch.iter_mut() {
+            let fed = &mut rows[first..first + row.tokens.len()];
+            first += fed.len();
             let cache = &mut *row.cache;
-            cache.keys[i].extend_from_slice(&r.proj[inner..2 * inner]);
-            cache.values[i].extend_from_slice(&r.proj[2 * inner..]);
-            let len = cache.steps + 1;
-            let at = Positions { keys: &cache.keys[i], values: &cache.values[i], len, bias: Some(&r.bias) };
-            attend(&r.proj[..inner], &at, s, &mut r.scores, &mut r.ctx);
+            for r in fed.iter() {
+                cache.keys[i].extend_from_slice(&r.proj[inner..2 * inner]);
+                cache.values[i].extend_from_slice(&r.proj[2 * inner..]);
+            }
+            // Each position sees the keys up to its own (the cache's length counts those before).
+            for (p, r) in fed.iter_mut().enumerate() {
+                let len = cache.steps + p + 1;
+                let at = Positions { keys: &cache.keys[i], values: &cache.values[i], len, bias: Some(&r.bias) };
+                attend(&r.proj[..inner], &at, s, &mut r.scores, &mut r.ctx);
+            }
         }
         self.project_back(&layer.self_out, rows);
     }
@@ -276,8 +307,8 @@ impl NativeDecoder {
         let s = &self.w.shape;
         self.norm_rows(&layer.cross_norm, rows);
         project(&layer.cross_q, rows, into_proj);
-        for (row, r) in batch.iter().zip(rows.iter_mut()) {
-            let cross = row.cross;
+        let crosses = batch.iter().flat_map(|row| std::iter::repeat_n(row.cross, row.tokens.len()));
+        for (cross, r) in crosses.zip(rows.iter_mut()) {
             let at = Positions { keys: &cross.keys[i], values: &cross.values[i], len: cross.len, bias: None };
             attend(&r.proj, &at, s, &mut r.scores, &mut r.ctx);
         }
