@@ -73,6 +73,8 @@ pub struct ServerTimings {
     pub mean_decode_ms: f64,
     pub mean_generated_tokens: f64,
     pub generated_tokens: u64,
+    /// Decoder steps those tokens took (fewer with the server's draft tokens).
+    pub decoder_steps: u64,
     /// Answers served from the server's response cache.
     pub cached: u64,
 }
@@ -469,6 +471,16 @@ pub fn ms(value: f64) -> String {
     format!("{value:.2}")
 }
 
+/// Generated tokens per decoder step; "-" when no step was counted (a server before
+/// `decoder_steps`, or only cache hits).
+fn tokens_per_step(tokens: u64, steps: u64) -> String {
+    if steps == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.2}", tokens as f64 / steps as f64)
+    }
+}
+
 fn score(value: f64) -> String {
     format!("{value:.3}")
 }
@@ -509,6 +521,7 @@ pub fn render_bench(report: &BenchReport) -> String {
             "generated tokens".into(),
             format!("{:.1} per request ({} in all)", server.mean_generated_tokens, server.generated_tokens),
         ],
+        vec!["tokens per decoder step".into(), tokens_per_step(server.generated_tokens, server.decoder_steps)],
         vec!["cache hits".into(), format!("{} (not in the means above)", server.cached)],
     ]);
     render_box(
@@ -659,6 +672,7 @@ mod tests {
                 generated_tokens: 9,
                 input_tokens: 14,
                 cached: false,
+                decoder_steps: 6,
             }),
             model_id: "qreformulate-t5".into(),
             truncated: false,
@@ -804,6 +818,7 @@ mod tests {
                 mean_decode_ms: 5.0,
                 mean_generated_tokens: 9.0,
                 generated_tokens: 27,
+                decoder_steps: 18,
                 cached: 0,
             },
         }
@@ -847,6 +862,15 @@ mod tests {
             assert!(value["latency_ms"][key].is_number(), "{key}");
         }
         assert_eq!(value["server"]["generated_tokens"], 27);
+        assert_eq!(value["server"]["decoder_steps"], 18);
+    }
+
+    #[test]
+    fn bench_text_shows_tokens_per_decoder_step() {
+        let text = render_bench(&sample_bench());
+        let line = text.lines().find(|l| l.contains("tokens per decoder step")).expect("a tokens per step line");
+        assert!(line.contains("1.50"), "{line}");
+        assert_eq!(tokens_per_step(5, 0), "-");
     }
 
     #[test]

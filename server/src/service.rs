@@ -380,6 +380,7 @@ pub fn build_response(
             generated_tokens: u32::try_from(t.generated_tokens).unwrap_or(u32::MAX),
             input_tokens: u32::try_from(t.input_tokens).unwrap_or(u32::MAX),
             cached: false,
+            decoder_steps: u32::try_from(t.decoder_steps).unwrap_or(u32::MAX),
         }),
         model_id: model_id.to_owned(),
         truncated: generation.truncated,

@@ -518,3 +518,33 @@ async fn onnx_decoder_serves_greedy_and_beam() {
     assert!(beam.candidates[0].score >= beam.candidates[1].score);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn draft_tokens_keep_every_answer_and_take_fewer_steps() {
+    // The same queries on a server with the default draft tokens and on one without: the same
+    // answers; without drafts one decoder step per token, with them fewer where the kernel has
+    // rows to spare (engine/lookup.rs).
+    let drafting = TestServer::start(&["--workers", "1"]).await;
+    let plain = TestServer::start(&["--workers", "1", "--draft-tokens", "0"]).await;
+    let (mut d, mut p) = (client(drafting.addr).await, client(plain.addr).await);
+    let queries = [QUERY, "List the lengths for the Mekong and the Orinoco.", "tallest building in dubai"];
+    let (mut tokens, mut steps) = (0, 0);
+    for query in queries {
+        let a = d.reformulate(request(query, GenerationOptions::default())).await.unwrap().into_inner();
+        let b = p.reformulate(request(query, GenerationOptions::default())).await.unwrap().into_inner();
+        assert_eq!(a.subqueries, b.subqueries, "{query}");
+        assert_eq!(a.mean_logprob.to_bits(), b.mean_logprob.to_bits(), "{query}");
+        let (ta, tb) = (a.timings.unwrap(), b.timings.unwrap());
+        assert_eq!(ta.generated_tokens, tb.generated_tokens, "{query}");
+        assert_eq!(tb.decoder_steps, tb.generated_tokens, "{query}: one step per token without drafts");
+        assert!(ta.decoder_steps >= 1 && ta.decoder_steps <= ta.generated_tokens, "{query}: {ta:?}");
+        (tokens, steps) = (tokens + ta.generated_tokens, steps + ta.decoder_steps);
+    }
+    if qserver::engine::native::kernels::Kernel::detect().free_rows() > 1 {
+        assert!(steps < tokens, "{steps} steps for {tokens} tokens: no draft was kept");
+    } else {
+        assert_eq!(steps, tokens, "this kernel has no rows to spare for drafts");
+    }
+    drafting.stop().await.unwrap();
+    plain.stop().await.unwrap();
+}

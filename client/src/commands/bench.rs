@@ -159,6 +159,7 @@ struct Tally {
     encode_ms: f64,
     decode_ms: f64,
     generated_tokens: u64,
+    decoder_steps: u64,
     /// Answers that ran the engine (not served from the response cache).
     engine_runs: u64,
     cached: u64,
@@ -176,6 +177,7 @@ impl Tally {
             encode_ms: 0.0,
             decode_ms: 0.0,
             generated_tokens: 0,
+            decoder_steps: 0,
             engine_runs: 0,
             cached: 0,
             model_id: String::new(),
@@ -198,6 +200,7 @@ impl Tally {
                         self.encode_ms += t.encode_ms;
                         self.decode_ms += t.decode_ms;
                         self.generated_tokens += u64::from(t.generated_tokens);
+                        self.decoder_steps += u64::from(t.decoder_steps);
                     }
                 }
                 if self.model_id.is_empty() {
@@ -232,6 +235,7 @@ impl Tally {
                 mean_decode_ms: mean(self.decode_ms),
                 mean_generated_tokens: mean(self.generated_tokens as f64),
                 generated_tokens: self.generated_tokens,
+                decoder_steps: self.decoder_steps,
                 cached: self.cached,
             },
         }
@@ -296,6 +300,7 @@ mod tests {
                     decode_ms: total_ms - 1.5,
                     total_ms,
                     generated_tokens: tokens,
+                    decoder_steps: tokens,
                     input_tokens: 5,
                     cached,
                 }),

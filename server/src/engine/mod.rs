@@ -126,6 +126,9 @@ pub struct Timings {
     pub total: Duration,
     /// Tokens of the best candidate.
     pub generated_tokens: usize,
+    /// Decoder steps the search took: fewer than the tokens when drafts were kept
+    /// (`--draft-tokens`).
+    pub decoder_steps: usize,
     pub input_tokens: usize,
 }
 

@@ -18,7 +18,7 @@ pub use super::onnx_decoder::check_onnx_decoder;
 pub use super::onnx_session::SessionSettings;
 use super::{
     batch::Batch,
-    decode::{new_search, Hypothesis, Search, Special},
+    decode::{new_search, Search, Special},
     grounding::GroundingModel,
     model_dir::{self, ModelDir, ModelError, T5Config},
     native::{
@@ -28,7 +28,7 @@ use super::{
     native_steps::{DraftBudget, NativeBackend},
     onnx_decoder::OnnxDecoder,
     onnx_session::{check_known, has, load_error, malformed, names, open_session, ATTENTION_MASK, INPUT_IDS},
-    steps::{run_search, DecoderBackend},
+    steps::{run_search, Decoded, DecoderBackend},
     Batching, CancelToken, Candidate, DecoderKind, Engine, EngineError, GenerateRequest, Generation, Timings,
 };
 
@@ -196,7 +196,7 @@ impl OnnxT5 {
         prepared: Prepared,
         req: &GenerateRequest,
         cancel: &CancelToken,
-    ) -> Result<Vec<Hypothesis>, EngineError> {
+    ) -> Result<Decoded, EngineError> {
         let (search, start) = (self.search_for(req), self.start_token());
         let mut steps = self.decoder.begin(prepared.states, search.rows())?;
         run_search(steps.as_mut(), search, &prepared.ids, start, req.params.max_new_tokens, cancel)
@@ -223,22 +223,23 @@ impl OnnxT5 {
     }
 
     /// The answer: the hypotheses detokenized, with the request's timings.
-    pub(super) fn answer(&self, timed: Timed, hyps: &[Hypothesis]) -> Result<Generation, EngineError> {
-        let mut candidates = Vec::with_capacity(hyps.len());
-        for h in hyps {
+    pub(super) fn answer(&self, timed: Timed, decoded: &Decoded) -> Result<Generation, EngineError> {
+        let mut candidates = Vec::with_capacity(decoded.hypotheses.len());
+        for h in &decoded.hypotheses {
             let text = self.tokenizer.decode(&h.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
             candidates.push(Candidate { text, score: h.score, mean_logprob: h.mean_logprob, tokens: h.tokens.len() });
         }
-        let decoded = Instant::now();
+        let done = Instant::now();
         if candidates.is_empty() {
             return Err(EngineError::Model("search returned no sequence".into()));
         }
         let timings = Timings {
             tokenize: timed.tokenized - timed.started,
             encode: timed.encoded - timed.tokenized,
-            decode: decoded - timed.encoded,
-            total: decoded - timed.started,
+            decode: done - timed.encoded,
+            total: done - timed.started,
             generated_tokens: candidates[0].tokens,
+            decoder_steps: decoded.steps,
             input_tokens: timed.input_tokens,
         };
         Ok(Generation { candidates, timings, truncated: timed.truncated })
@@ -290,8 +291,8 @@ impl OnnxT5 {
     fn generate_here(&mut self, req: &GenerateRequest, cancel: &CancelToken) -> Result<Generation, EngineError> {
         let prepared = self.prepare(req, cancel)?;
         let timed = prepared.timed;
-        let hyps = self.decode(prepared, req, cancel)?;
-        self.answer(timed, &hyps)
+        let decoded = self.decode(prepared, req, cancel)?;
+        self.answer(timed, &decoded)
     }
 
     /// Whether decoding is grounded (the model ships `grounding.json`) unless a request is

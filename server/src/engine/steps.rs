@@ -64,6 +64,15 @@ pub struct Decoding {
     fed: Vec<i64>,
     /// Set by [`Decoding::drafting_from`]: the query's tokens and the answer's so far.
     lookup: Option<Lookup>,
+    /// Decoder steps taken (fewer than the tokens when drafts were kept).
+    steps: usize,
+}
+
+/// A finished search: its sequences, best first, and the decoder steps they took.
+#[derive(Debug)]
+pub struct Decoded {
+    pub hypotheses: Vec<Hypothesis>,
+    pub steps: usize,
 }
 
 struct Lookup {
@@ -85,7 +94,15 @@ pub enum Advanced<'a> {
 impl Decoding {
     pub fn new(search: Box<dyn Search>, start: u32, max_new_tokens: usize) -> Self {
         let tokens = vec![i64::from(start); search.rows()];
-        Self { search, tokens, steps_left: max_new_tokens, done: max_new_tokens == 0, fed: Vec::new(), lookup: None }
+        Self {
+            search,
+            tokens,
+            steps_left: max_new_tokens,
+            done: max_new_tokens == 0,
+            fed: Vec::new(),
+            lookup: None,
+            steps: 0,
+        }
     }
 
     /// Lets a one-row search feed drafts looked up in `source` (the query's token ids).
@@ -129,6 +146,7 @@ impl Decoding {
         if vocab == 0 || logits.len() != fed * vocab || fed < self.rows() {
             return Err(EngineError::Model(format!("a step gave {} logits for {fed} fed positions", logits.len())));
         }
+        self.steps += 1;
         let mut used = 0;
         for (p, position) in logits.chunks_exact(vocab * self.rows()).enumerate() {
             // A draft's logits count only when the draft is the token just chosen.
@@ -154,8 +172,8 @@ impl Decoding {
         })
     }
 
-    pub fn finish(self) -> Vec<Hypothesis> {
-        self.search.finish()
+    pub fn finish(self) -> Decoded {
+        Decoded { hypotheses: self.search.finish(), steps: self.steps }
     }
 }
 
@@ -169,7 +187,7 @@ pub fn run_search(
     start: u32,
     max_new_tokens: usize,
     cancel: &CancelToken,
-) -> Result<Vec<Hypothesis>, EngineError> {
+) -> Result<Decoded, EngineError> {
     let mut decoding = Decoding::new(search, start, max_new_tokens).drafting_from(source);
     let drafts = steps.drafts(decoding.rows());
     while !decoding.done() {
@@ -239,7 +257,7 @@ mod tests {
     fn feeds_the_start_token_then_each_choice_until_end_of_sequence() {
         // From 3 the decoder walks 4, 5, 6, 7, 0, 1 (= eos): six steps.
         let mut steps = counting(8, 0);
-        let hyps = run_search(&mut steps, greedy(), &[], 3, 20, &CancelToken::default()).unwrap();
+        let hyps = run_search(&mut steps, greedy(), &[], 3, 20, &CancelToken::default()).unwrap().hypotheses;
         assert_eq!(steps.fed, vec![vec![3], vec![4], vec![5], vec![6], vec![7], vec![0]]);
         assert_eq!(hyps[0].tokens, vec![4, 5, 6, 7, 0, 1]);
     }
@@ -247,7 +265,7 @@ mod tests {
     #[test]
     fn stops_at_max_new_tokens() {
         let mut steps = counting(64, 0);
-        let hyps = run_search(&mut steps, greedy(), &[], 3, 5, &CancelToken::default()).unwrap();
+        let hyps = run_search(&mut steps, greedy(), &[], 3, 5, &CancelToken::default()).unwrap().hypotheses;
         assert_eq!(steps.fed.len(), 5);
         assert_eq!(hyps[0].tokens, vec![4, 5, 6, 7, 8]);
     }
@@ -288,11 +306,14 @@ mod tests {
         // agree, 9 does not (it writes 7), so three of the four fed positions count and one is
         // rewound. The answer is the one without drafts.
         let source = [4, 5, 6, 9, 1];
-        let plain = run_search(&mut counting(16, 0), greedy(), &source, 3, 10, &CancelToken::default()).unwrap();
+        let plain =
+            run_search(&mut counting(16, 0), greedy(), &source, 3, 10, &CancelToken::default()).unwrap().hypotheses;
         let mut steps = counting(16, 3);
-        let drafted = run_search(&mut steps, greedy(), &source, 3, 10, &CancelToken::default()).unwrap();
+        let decoded = run_search(&mut steps, greedy(), &source, 3, 10, &CancelToken::default()).unwrap();
+        let drafted = decoded.hypotheses;
         assert_eq!(drafted[0].tokens, plain[0].tokens);
         assert_eq!(drafted[0].score, plain[0].score);
+        assert_eq!(decoded.steps, steps.fed.len());
         assert_eq!(steps.fed[0], vec![3]);
         assert_eq!(steps.fed[1], vec![4, 5, 6, 9]);
         assert_eq!(steps.rewound[0], 1);
@@ -303,7 +324,7 @@ mod tests {
     fn drafts_never_run_past_max_new_tokens() {
         let source = [4, 5, 6, 7, 8, 9];
         let mut steps = counting(16, 3);
-        let hyps = run_search(&mut steps, greedy(), &source, 3, 3, &CancelToken::default()).unwrap();
+        let hyps = run_search(&mut steps, greedy(), &source, 3, 3, &CancelToken::default()).unwrap().hypotheses;
         assert_eq!(hyps[0].tokens, vec![4, 5, 6]);
         // The first step has nothing to look up; the second may feed only what is left (4 and 5).
         assert_eq!(steps.fed, vec![vec![3], vec![4, 5]]);
