@@ -103,7 +103,7 @@ impl OnnxT5 {
                 })?)),
                 _ => None,
             };
-        let drafts = DraftBudget::new(settings.draft_tokens);
+        let drafts = DraftBudget::new(settings.draft_tokens, settings.native_weights);
         // Continuous batching on int8 weights only: the 4-bit kernels have no batched form, and
         // batching q4 steps tile by tile measured no gain and a worse tail (docs/performance.md).
         let batch = native
