@@ -251,6 +251,8 @@ pub struct TimingsJson {
     pub decode_ms: f64,
     pub total_ms: f64,
     pub generated_tokens: u32,
+    /// Decoder steps the answer took (fewer than the tokens with the server's draft tokens).
+    pub decoder_steps: u32,
     pub input_tokens: u32,
     pub cached: bool,
 }
@@ -263,6 +265,7 @@ impl From<&pb::Timings> for TimingsJson {
             decode_ms: t.decode_ms,
             total_ms: t.total_ms,
             generated_tokens: t.generated_tokens,
+            decoder_steps: t.decoder_steps,
             input_tokens: t.input_tokens,
             cached: t.cached,
         }
@@ -740,6 +743,7 @@ mod tests {
         );
         assert!(!json.contains("candidates"), "{json}");
         assert!(json.contains("\"generated_tokens\":9"), "{json}");
+        assert!(json.contains("\"decoder_steps\":6"), "{json}");
         assert!(json.contains("\"fallback_reason\":null,\"mean_logprob\":-0.125,\"grounded\":true"), "{json}");
     }
 
