@@ -365,11 +365,13 @@ fn latency_line(response: &pb::ReformulateResponse, latency: Duration) -> String
         None => client,
         Some(t) if t.cached => format!("{client}; server {} ms, cached", ms(t.total_ms)),
         Some(t) => format!(
-            "{client}; server {} ms: encode {}, decode {} ms, {} tokens",
+            "{client}; server {} ms: encode {}, decode {} ms, {} tokens{}",
             ms(t.total_ms),
             ms(t.encode_ms),
             ms(t.decode_ms),
-            t.generated_tokens
+            t.generated_tokens,
+            // A server before decoder_steps sends 0.
+            if t.decoder_steps > 0 { format!(" in {} steps", t.decoder_steps) } else { String::new() }
         ),
     };
     if response.truncated {
@@ -690,7 +692,7 @@ mod tests {
         let text = render_answer(&sample_response(), Duration::from_micros(12_310), false);
         assert_eq!(
             text,
-            "Nikola Tesla lifespan\nMilutin Milankovic lifespan\n  (12.31 ms; server 10.05 ms: encode 1.20, decode 8.40 ms, 9 tokens)\n"
+            "Nikola Tesla lifespan\nMilutin Milankovic lifespan\n  (12.31 ms; server 10.05 ms: encode 1.20, decode 8.40 ms, 9 tokens in 6 steps)\n"
         );
         let joined = render_answer(&sample_response(), Duration::from_millis(3), true);
         assert!(joined.starts_with("Nikola Tesla lifespan | Milutin Milankovic lifespan\n"), "{joined}");
