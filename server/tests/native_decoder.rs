@@ -27,6 +27,12 @@ fn request(query: &str, search: SearchKind, max_new_tokens: usize, ignore_eos: b
     }
 }
 
+/// The shipped model's native decoder on int8 weights.
+fn shipped_native() -> std::sync::Arc<qserver::engine::native::NativeDecoder> {
+    let dir = ModelDir::open(&common::model_dir()).unwrap();
+    qserver::engine::native_steps::load_native(&dir, DecoderKind::Native, Default::default()).unwrap().unwrap()
+}
+
 fn texts(e: &mut OnnxT5, req: &GenerateRequest) -> Vec<String> {
     e.generate(req, &CancelToken::new(None)).unwrap().candidates.into_iter().map(|c| c.text).collect()
 }
@@ -194,18 +200,14 @@ fn two_threads_give_the_same_answers_as_one() {
 fn small_models_keep_their_weights_cached() {
     // The shipped decoder reads 3.4 MiB per step: it fits the last-level cache, where streaming
     // it (non-temporal prefetch, for flan-t5-small's 36.7 MiB) was measured slower.
-    let dir = ModelDir::open(&common::model_dir()).unwrap();
-    let native =
-        qserver::engine::native_steps::load_native(&dir, DecoderKind::Native, Default::default()).unwrap().unwrap();
+    let native = shipped_native();
     assert!(!native.streams_weights());
 }
 
 #[test]
 fn rows_of_different_sources_stepped_together_get_the_logits_they_get_alone() {
     use qserver::engine::native::{Scratch, StepRow};
-    let dir = ModelDir::open(&common::model_dir()).unwrap();
-    let native =
-        qserver::engine::native_steps::load_native(&dir, DecoderKind::Native, Default::default()).unwrap().unwrap();
+    let native = shipped_native();
     let (d, vocab) = (native.shape().d_model, native.shape().vocab);
     // Three sources of different lengths (stand-in encoder states), one row each, fed different
     // token sequences: every row's logits batched must equal its logits alone, to the bit.
@@ -257,9 +259,7 @@ fn rows_of_different_sources_stepped_together_get_the_logits_they_get_alone() {
 #[test]
 fn tokens_fed_together_get_the_logits_they_get_one_step_at_a_time() {
     use qserver::engine::native::{Scratch, StepRow};
-    let dir = ModelDir::open(&common::model_dir()).unwrap();
-    let native =
-        qserver::engine::native_steps::load_native(&dir, DecoderKind::Native, Default::default()).unwrap().unwrap();
+    let native = shipped_native();
     let (d, vocab) = (native.shape().d_model, native.shape().vocab);
     let states: Vec<f32> = (0..11 * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
     let cross = native.cross_cache(&states);

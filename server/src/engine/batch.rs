@@ -66,7 +66,6 @@ impl Batch {
             taken += fed.len() - rows;
             feeds.push((&mut r.rows, fed));
         }
-        let fed_counts: Vec<usize> = feeds.iter().map(|(_, fed)| fed.len()).collect();
         if let Err(e) = step_requests(&self.native, &mut feeds, &mut self.scratch, &mut self.logits) {
             let message = match e {
                 EngineError::Model(m) => m,
@@ -79,8 +78,8 @@ impl Batch {
         }
         let vocab = self.native.shape().vocab;
         let mut offset = 0;
-        for (r, fed) in running.into_iter().zip(fed_counts) {
-            let n = fed * vocab;
+        for r in running {
+            let n = r.decoding.fed() * vocab;
             match r.decoding.advance(&self.logits[offset..offset + n]) {
                 Ok(Advanced::Kept) => {}
                 Ok(Advanced::Reorder(parents)) => r.rows.reorder(parents),

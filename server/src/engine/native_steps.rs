@@ -175,12 +175,8 @@ impl DecoderSteps for NativeSteps<'_> {
         Ok(())
     }
 
-    fn drafts(&self, rows: usize) -> usize {
-        if rows == 1 {
-            self.drafts.drafts(1)
-        } else {
-            0
-        }
+    fn drafts(&self) -> usize {
+        self.drafts.drafts(1)
     }
 
     fn rewind(&mut self, positions: usize) -> Result<(), EngineError> {

@@ -21,9 +21,9 @@ pub trait DecoderSteps {
     fn step(&mut self, tokens: &[i64]) -> Result<&[f32], EngineError>;
     /// Beam search reordered its rows: row `i` continues what row `parents[i]` had.
     fn reorder(&mut self, parents: &[usize]) -> Result<(), EngineError>;
-    /// How many drafts a step may take after the next token of a request of `rows` rows
-    /// (0: one token per row only).
-    fn drafts(&self, _rows: usize) -> usize {
+    /// How many drafts a step may take after a one-row request's next token (0: one token per
+    /// row only). Which requests draft is [`Decoding`]'s decision.
+    fn drafts(&self) -> usize {
         0
     }
     /// Forgets the last `positions` fed tokens (rejected drafts).
@@ -118,6 +118,12 @@ impl Decoding {
         self.tokens.len()
     }
 
+    /// How many tokens the last [`Decoding::feed`] returned (the logits [`Decoding::advance`]
+    /// takes are `vocab` per fed token).
+    pub fn fed(&self) -> usize {
+        self.fed.len()
+    }
+
     /// The tokens to feed to the next step: one per row, then for a drafting search up to
     /// `drafts` guesses after it (never more than the steps left can use).
     pub fn feed(&mut self, drafts: usize) -> &[i64] {
@@ -189,7 +195,7 @@ pub fn run_search(
     cancel: &CancelToken,
 ) -> Result<Decoded, EngineError> {
     let mut decoding = Decoding::new(search, start, max_new_tokens).drafting_from(source);
-    let drafts = steps.drafts(decoding.rows());
+    let drafts = steps.drafts();
     while !decoding.done() {
         decoding.check(cancel)?;
         let logits = steps.step(decoding.feed(drafts))?;
@@ -236,12 +242,8 @@ mod tests {
             self.reorders += 1;
             Ok(())
         }
-        fn drafts(&self, rows: usize) -> usize {
-            if rows == 1 {
-                self.drafts
-            } else {
-                0
-            }
+        fn drafts(&self) -> usize {
+            self.drafts
         }
         fn rewind(&mut self, positions: usize) -> Result<(), EngineError> {
             self.rewound.push(positions);
@@ -251,6 +253,11 @@ mod tests {
 
     fn greedy() -> Box<dyn Search> {
         new_search(SearchKind::Greedy, Special { eos: 1, pad: 0 }, false, 1.0, None)
+    }
+
+    fn beam(num_beams: usize) -> Box<dyn Search> {
+        let kind = SearchKind::Beam { num_beams, num_return_sequences: 1 };
+        new_search(kind, Special { eos: 1, pad: 0 }, false, 1.0, None)
     }
 
     #[test]
@@ -288,14 +295,7 @@ mod tests {
     #[test]
     fn beam_search_reorders_the_rows() {
         let mut steps = counting(16, 2);
-        let beam = new_search(
-            SearchKind::Beam { num_beams: 3, num_return_sequences: 1 },
-            Special { eos: 1, pad: 0 },
-            false,
-            1.0,
-            None,
-        );
-        run_search(&mut steps, beam, &[], 3, 4, &CancelToken::default()).unwrap();
+        run_search(&mut steps, beam(3), &[], 3, 4, &CancelToken::default()).unwrap();
         assert!(steps.fed.iter().all(|t| t.len() == 3));
         assert!(steps.reorders > 0);
     }
@@ -333,14 +333,7 @@ mod tests {
     #[test]
     fn beam_search_takes_no_drafts() {
         let mut steps = counting(16, 3);
-        let beam = new_search(
-            SearchKind::Beam { num_beams: 2, num_return_sequences: 1 },
-            Special { eos: 1, pad: 0 },
-            false,
-            1.0,
-            None,
-        );
-        run_search(&mut steps, beam, &[4, 5, 6, 7], 3, 4, &CancelToken::default()).unwrap();
+        run_search(&mut steps, beam(2), &[4, 5, 6, 7], 3, 4, &CancelToken::default()).unwrap();
         assert!(steps.fed.iter().all(|t| t.len() == 2), "{:?}", steps.fed);
         assert!(steps.rewound.is_empty());
     }
