@@ -176,10 +176,52 @@ pub fn sample_among<R: Rng + ?Sized>(
     last_allowed
 }
 
+/// Logits per block of [`top_k`].
+const TOP_K_BLOCK: usize = 64;
+
 /// The `k` largest logits of `row` as `(logit, index)`, largest first, skipping `banned`.
 /// `out` is cleared and reused.
+///
+/// Two passes, so that only a few blocks of the row go through the insertion loop: first each
+/// block's maximum (vectorised, like [`argmax`]; `banned` left out), then the element loop of
+/// [`top_k_among`] over the blocks whose maximum is at least the k-th largest of those maxima.
+/// Those k maxima are k distinct logits, so every logit of the answer is at least that large
+/// and lies in a block that is read: the list is the element loop's over the whole row, entry
+/// for entry.
 pub fn top_k(row: &[f32], k: usize, banned: Option<usize>, out: &mut Vec<(f32, u32)>) {
-    top_k_among(row, 0..row.len(), k, banned, out);
+    out.clear();
+    if k == 0 {
+        return;
+    }
+    let maxima: Vec<f32> =
+        row.chunks(TOP_K_BLOCK).enumerate().map(|(b, block)| block_max(block, b * TOP_K_BLOCK, banned)).collect();
+    let threshold = kth_largest(&maxima, k);
+    for (b, &max) in maxima.iter().enumerate() {
+        if max >= threshold {
+            // A logit below the threshold cannot be in the answer (nor can a NaN).
+            let start = b * TOP_K_BLOCK;
+            let block = start..(start + TOP_K_BLOCK).min(row.len());
+            insert_top(row, block.filter(|&i| row[i] >= threshold), k, banned, out);
+        }
+    }
+}
+
+/// The largest non-NaN logit of `block` (which starts at index `start` of its row) other than
+/// `banned`; NEG_INFINITY when there is none.
+fn block_max(block: &[f32], start: usize, banned: Option<usize>) -> f32 {
+    match banned.and_then(|b| b.checked_sub(start)).filter(|&i| i < block.len()) {
+        Some(i) => max_value(&block[..i]).max_ignoring_nan(max_value(&block[i + 1..])),
+        None => max_value(block),
+    }
+}
+
+/// The `k`-th largest of `values` (none NaN), NEG_INFINITY when there are fewer than `k`.
+fn kth_largest(values: &[f32], k: usize) -> f32 {
+    if values.len() < k {
+        return f32::NEG_INFINITY;
+    }
+    let mut values = values.to_vec();
+    *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
 }
 
 /// [`top_k`] over the `candidates` (indices into `row`) only; ties keep the earlier candidate.
@@ -194,6 +236,17 @@ pub fn top_k_among(
     if k == 0 {
         return;
     }
+    insert_top(row, candidates, k, banned, out);
+}
+
+/// Adds the `candidates` to `out`, which holds the `k > 0` largest so far.
+fn insert_top(
+    row: &[f32],
+    candidates: impl Iterator<Item = usize>,
+    k: usize,
+    banned: Option<usize>,
+    out: &mut Vec<(f32, u32)>,
+) {
     for i in candidates {
         let x = row[i];
         if Some(i) == banned || x.is_nan() {
@@ -377,6 +430,31 @@ mod tests {
             assert!(i == 1 || i == 3);
         }
         assert_eq!(sample_among(&row, [4usize].into_iter(), 1.0, Some(4), &mut rng), None);
+    }
+
+    /// The block-skipping `top_k` against the element loop over every index, on rows with ties
+    /// (a few distinct values), NaNs, infinities and a banned index, at lengths around the block.
+    #[test]
+    fn top_k_matches_the_element_loop() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for case in 0..3000 {
+            let len = rng.random_range(0..4 * TOP_K_BLOCK + 3);
+            let distinct = if case % 3 == 0 { 4 } else { 1000 };
+            let row: Vec<f32> = (0..len)
+                .map(|_| match rng.random_range(0..50) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    _ => rng.random_range(0..distinct) as f32 * 0.25 - 10.0,
+                })
+                .collect();
+            let k = rng.random_range(0..12);
+            let banned = if len > 0 && rng.random_bool(0.5) { Some(rng.random_range(0..len + 2)) } else { None };
+            top_k(&row, k, banned, &mut got);
+            top_k_among(&row, 0..row.len(), k, banned, &mut want);
+            assert_eq!(got, want, "row {row:?}, k {k}, banned {banned:?}");
+        }
     }
 
     #[test]
