@@ -11,10 +11,7 @@ use super::native::kernels;
 /// NaN compares false so it is skipped), then the first index holding it. The banned index
 /// is left out by splitting the row around it.
 pub fn argmax(row: &[f32], banned: Option<usize>) -> usize {
-    let (head, tail) = match banned {
-        Some(b) if b < row.len() => (&row[..b], &row[b + 1..]),
-        _ => (row, &row[..0]),
-    };
+    let (head, tail) = split_around(row, banned);
     let max = max_value(head).max_ignoring_nan(max_value(tail));
     // NEG_INFINITY is also the identity: the first non-NaN logit equal to it is the answer.
     let first = |part: &[f32]| part.iter().position(|&x| x == max);
@@ -22,6 +19,15 @@ pub fn argmax(row: &[f32], banned: Option<usize>) -> usize {
         (Some(i), _) => i,
         (None, Some(i)) => head.len() + 1 + i,
         (None, None) => 0,
+    }
+}
+
+/// `part` without index `banned`: the logits before it and after it (all of `part` and an
+/// empty tail when `banned` is outside it).
+fn split_around(part: &[f32], banned: Option<usize>) -> (&[f32], &[f32]) {
+    match banned {
+        Some(b) if b < part.len() => (&part[..b], &part[b + 1..]),
+        _ => (part, &part[..0]),
     }
 }
 
@@ -176,8 +182,10 @@ pub fn sample_among<R: Rng + ?Sized>(
     last_allowed
 }
 
-/// Logits per block of [`top_k`].
+/// Logits per block of [`top_k`] (more in rows of over `TOP_K_BLOCK * TOP_K_MAX_BLOCKS`).
 const TOP_K_BLOCK: usize = 64;
+/// Blocks of [`top_k`] at most: its block maxima live on the stack (2 x 4 KiB).
+const TOP_K_MAX_BLOCKS: usize = 1024;
 
 /// The `k` largest logits of `row` as `(logit, index)`, largest first, skipping `banned`.
 /// `out` is cleared and reused.
@@ -193,35 +201,35 @@ pub fn top_k(row: &[f32], k: usize, banned: Option<usize>, out: &mut Vec<(f32, u
     if k == 0 {
         return;
     }
-    let maxima: Vec<f32> =
-        row.chunks(TOP_K_BLOCK).enumerate().map(|(b, block)| block_max(block, b * TOP_K_BLOCK, banned)).collect();
-    let threshold = kth_largest(&maxima, k);
+    let size = TOP_K_BLOCK.max(row.len().div_ceil(TOP_K_MAX_BLOCKS));
+    let mut maxima = [0f32; TOP_K_MAX_BLOCKS];
+    let blocks = row.chunks(size).len();
+    for (b, (block, max)) in row.chunks(size).zip(&mut maxima).enumerate() {
+        let (head, tail) = split_around(block, banned.and_then(|i| i.checked_sub(b * size)));
+        *max = max_value(head).max_ignoring_nan(max_value(tail));
+    }
+    let maxima = &maxima[..blocks];
+    let threshold = kth_largest(maxima, k);
     for (b, &max) in maxima.iter().enumerate() {
         if max >= threshold {
             // A logit below the threshold cannot be in the answer (nor can a NaN).
-            let start = b * TOP_K_BLOCK;
-            let block = start..(start + TOP_K_BLOCK).min(row.len());
+            let start = b * size;
+            let block = start..(start + size).min(row.len());
             insert_top(row, block.filter(|&i| row[i] >= threshold), k, banned, out);
         }
     }
 }
 
-/// The largest non-NaN logit of `block` (which starts at index `start` of its row) other than
-/// `banned`; NEG_INFINITY when there is none.
-fn block_max(block: &[f32], start: usize, banned: Option<usize>) -> f32 {
-    match banned.and_then(|b| b.checked_sub(start)).filter(|&i| i < block.len()) {
-        Some(i) => max_value(&block[..i]).max_ignoring_nan(max_value(&block[i + 1..])),
-        None => max_value(block),
-    }
-}
-
-/// The `k`-th largest of `values` (none NaN), NEG_INFINITY when there are fewer than `k`.
+/// The `k`-th largest of `values` (none NaN; at most [`TOP_K_MAX_BLOCKS`]), NEG_INFINITY when
+/// there are fewer than `k`.
 fn kth_largest(values: &[f32], k: usize) -> f32 {
     if values.len() < k {
         return f32::NEG_INFINITY;
     }
-    let mut values = values.to_vec();
-    *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+    let mut copy = [0f32; TOP_K_MAX_BLOCKS];
+    let copy = &mut copy[..values.len()];
+    copy.copy_from_slice(values);
+    *copy.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
 }
 
 /// [`top_k`] over the `candidates` (indices into `row`) only; ties keep the earlier candidate.
@@ -433,13 +441,16 @@ mod tests {
     }
 
     /// The block-skipping `top_k` against the element loop over every index, on rows with ties
-    /// (a few distinct values), NaNs, infinities and a banned index, at lengths around the block.
+    /// (a few distinct values), NaNs, infinities and a banned index, at lengths around the block
+    /// and, now and then, past `TOP_K_BLOCK * TOP_K_MAX_BLOCKS` (larger blocks).
     #[test]
     fn top_k_matches_the_element_loop() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let (mut got, mut want) = (Vec::new(), Vec::new());
         for case in 0..3000 {
-            let len = rng.random_range(0..4 * TOP_K_BLOCK + 3);
+            // Now and then a row long enough for blocks larger than TOP_K_BLOCK.
+            let longest = if case % 100 == 0 { TOP_K_BLOCK * TOP_K_MAX_BLOCKS * 2 + 5 } else { 4 * TOP_K_BLOCK + 3 };
+            let len = rng.random_range(0..longest);
             let distinct = if case % 3 == 0 { 4 } else { 1000 };
             let row: Vec<f32> = (0..len)
                 .map(|_| match rng.random_range(0..50) {
