@@ -299,20 +299,26 @@ fn tokens_fed_together_get_the_logits_they_get_one_step_at_a_time() {
 #[test]
 fn drafts_leave_every_answer_as_it_was() {
     // Greedy and seeded sampling over the test set, with drafts and without: the same texts,
-    // scores and token counts (engine/lookup.rs; the drafts are only a guess the model checks).
+    // scores and token counts (engine/lookup.rs; the drafts are only a guess the model checks),
+    // on int8 and on 4-bit weights (drafted there where the kernel has a batched 4-bit product).
     let queries = test_queries();
-    let mut engines: Vec<OnnxT5> = [0, 3]
-        .into_iter()
-        .map(|draft_tokens| {
-            let env = qserver::runtime::init(None).unwrap();
-            let settings = SessionSettings { decoder: DecoderKind::Native, draft_tokens, ..SessionSettings::new(1) };
-            OnnxT5::load(&env, &ModelDir::open(&common::model_dir()).unwrap(), &settings).unwrap()
-        })
-        .collect();
     let searches = [SearchKind::Greedy, SearchKind::Sample { num_return_sequences: 1, temperature: 0.7, seed: 11 }];
     let mut differing = 0;
-    for search in searches {
-        for q in &queries {
+    for native_weights in [WeightFormat::Int8, WeightFormat::Q4] {
+        let mut engines: Vec<OnnxT5> = [0, 3]
+            .into_iter()
+            .map(|draft_tokens| {
+                let env = qserver::runtime::init(None).unwrap();
+                let settings = SessionSettings {
+                    decoder: DecoderKind::Native,
+                    draft_tokens,
+                    native_weights,
+                    ..SessionSettings::new(1)
+                };
+                OnnxT5::load(&env, &ModelDir::open(&common::model_dir()).unwrap(), &settings).unwrap()
+            })
+            .collect();
+        for (search, q) in searches.iter().flat_map(|s| queries.iter().map(move |q| (*s, q))) {
             let req = request(q, search, 64, false);
             let cancel = CancelToken::new(None);
             let plain = engines[0].generate(&req, &cancel).unwrap();
@@ -322,7 +328,7 @@ fn drafts_leave_every_answer_as_it_was() {
             };
             if key(&plain) != key(&drafted) {
                 differing += 1;
-                eprintln!("{q:?} ({search:?}): {:?} against {:?}", key(&drafted), key(&plain));
+                eprintln!("{q:?} ({search:?}, {native_weights:?}): {:?} against {:?}", key(&drafted), key(&plain));
             }
         }
     }

@@ -361,7 +361,7 @@ pub fn tiled_rows<M: RowProduct + ?Sized>(w: &M, first: usize, xs: &[&QuantVecto
 
 /// Runs `product(row, x, y)` for every vector on each tile of rows (`row` the tile's first
 /// output row, `y` its slice of the vector's output), tile after tile.
-fn for_each_tile(
+pub(super) fn for_each_tile(
     row_bytes: usize,
     xs: &[&QuantVector],
     ys: &mut [&mut [f32]],

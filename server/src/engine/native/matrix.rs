@@ -1,7 +1,7 @@
 //! A decoder weight matrix in the format `--native-weights` asks for: int8 per row (the
 //! default), or 4-bit blocks ([`super::q4`]) where the shape allows, int8 elsewhere.
 
-use super::kernels::{gemv_rows_with, kernel, tiled_rows, Kernel, QuantMatrix, QuantVector, RowProduct};
+use super::kernels::{gemv_rows_with, kernel, Kernel, QuantMatrix, QuantVector, RowProduct};
 use super::q4::{self, Q4Matrix};
 
 /// How the native decoder stores its step weights.
@@ -84,7 +84,7 @@ impl RowProduct for Matrix {
     fn product_rows_batch(&self, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
         match self {
             Matrix::Int8(m) => m.product_rows_batch(first, xs, ys),
-            Matrix::Q4(_) => tiled_rows(self, first, xs, ys),
+            Matrix::Q4(m) => q4::gemv_rows_batch_with(kernel(), m, first, xs, ys),
         }
     }
 }

@@ -133,6 +133,47 @@ pub fn gemv_rows_with(kernel: Kernel, w: &Q4Matrix, first: usize, x: &QuantVecto
     gemv_scalar(w, first, x, offsets, y);
 }
 
+/// Rows `first..first + ys[0].len()` of `W x` for every vector (`ys[i]` for `xs[i]`) with a
+/// given kernel, each result bit for bit the one of [`gemv_rows_with`]. AVX2 has a kernel of
+/// its own that unpacks each row's nibbles and block multipliers once for up to four vectors
+/// (this path's cost is compute, not memory: 4-bit rows come from cache at the speed the
+/// products run); the others run their one-vector kernel tile by tile.
+pub fn gemv_rows_batch_with(kernel: Kernel, w: &Q4Matrix, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
+    assert_eq!(xs.len(), ys.len(), "one output per input vector");
+    let rows = ys.first().map_or(0, |y| y.len());
+    assert!(first + rows <= w.rows, "rows out of range");
+    for (x, y) in xs.iter().zip(ys.iter()) {
+        assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
+        assert_eq!(y.len(), rows, "outputs of different lengths");
+    }
+    assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        let mut buffers = [[0i32; MAX_COLS / BLOCK]; x86::VECTORS];
+        for (xs, ys) in xs.chunks(x86::VECTORS).zip(ys.chunks_mut(x86::VECTORS)) {
+            let mut offs: [&[i32]; x86::VECTORS] = [&[]; x86::VECTORS];
+            for ((o, buffer), x) in offs.iter_mut().zip(buffers.iter_mut()).zip(xs) {
+                *o = offsets(x, buffer);
+            }
+            // SAFETY: the CPU runs AVX2 (asserted); rows, vector and output lengths are
+            // asserted above, and each vector has its offsets.
+            unsafe { x86::gemv_batch_avx2(w, first, xs, &offs[..xs.len()], ys) };
+        }
+        return;
+    }
+    let row_bytes = w.cols / 2;
+    super::kernels::for_each_tile(row_bytes, xs, ys, |row, x, y| gemv_rows_with(kernel, w, first + row, x, y));
+}
+
+/// Rows a batched product takes for about the price of one (draft tokens, as
+/// [`Kernel::free_rows`] for int8): AVX2's own batched kernel takes two.
+pub fn free_rows(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Avx2 => 2,
+        _ => 1,
+    }
+}
+
 /// The reference every other path is tested against.
 fn gemv_scalar(w: &Q4Matrix, first: usize, x: &QuantVector, offsets: &[i32], y: &mut [f32]) {
     let nb = w.cols / BLOCK;
@@ -253,6 +294,100 @@ mod x86 {
         }
     }
 
+    /// Vectors per pass of [`gemv_batch_avx2`]: four sums and a row's unpacked weights fit
+    /// the sixteen registers.
+    pub const VECTORS: usize = 4;
+
+    /// Up to [`VECTORS`] vectors, row by row: each 32 bytes of a row are unpacked and their two
+    /// blocks' m spread once, then multiplied with every vector, whose sums are the one-vector
+    /// kernel's exact integers.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemv_batch_avx2(
+        w: &Q4Matrix,
+        first: usize,
+        xs: &[&QuantVector],
+        offsets: &[&[i32]],
+        ys: &mut [&mut [f32]],
+    ) {
+        match xs.len() {
+            4 => batch_rows_avx2::<4>(w, first, xs, offsets, ys),
+            3 => batch_rows_avx2::<3>(w, first, xs, offsets, ys),
+            2 => batch_rows_avx2::<2>(w, first, xs, offsets, ys),
+            1 => gemv_avx2(w, first, xs[0], offsets[0], ys[0]),
+            _ => {}
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn batch_rows_avx2<const N: usize>(
+        w: &Q4Matrix,
+        first: usize,
+        xs: &[&QuantVector],
+        offsets: &[&[i32]],
+        ys: &mut [&mut [f32]],
+    ) {
+        let nb = w.cols / BLOCK;
+        let row_bytes = w.cols / 2;
+        let low = _mm256_set1_epi8(0x0F);
+        let end = w.packed.as_ptr().add(w.packed.len());
+        let rows = ys[0].len();
+        for i in 0..rows {
+            let r = first + i;
+            let packed = w.packed.as_ptr().add(r * row_bytes);
+            let ms = w.blocks.as_ptr().add(r * nb);
+            let mut acc = [_mm256_setzero_si256(); N];
+            let mut window = _mm256_setzero_si256();
+            for chunk in 0..w.cols / CHUNK {
+                let b = 4 * chunk;
+                if b.is_multiple_of(8) {
+                    let whole = nb - b >= 8;
+                    let m8 = if whole {
+                        _mm_loadl_epi64(ms.add(b) as *const __m128i)
+                    } else {
+                        _mm_cvtsi32_si128(std::ptr::read_unaligned(ms.add(b) as *const i32))
+                    };
+                    window = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(m8));
+                    let m32 = _mm256_cvtepu8_epi32(m8);
+                    for (a, o) in acc.iter_mut().zip(offsets) {
+                        let offs = if whole {
+                            _mm256_loadu_si256(o.as_ptr().add(b) as *const __m256i)
+                        } else {
+                            _mm256_zextsi128_si256(_mm_loadu_si128(o.as_ptr().add(b) as *const __m128i))
+                        };
+                        *a = _mm256_sub_epi32(*a, _mm256_mullo_epi32(m32, offs));
+                    }
+                }
+                let k = b % 8;
+                let ahead = packed.wrapping_add(row_bytes + chunk * CHUNK / 2);
+                if ahead < end {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
+                for half in 0..2 {
+                    let bytes = _mm256_loadu_si256(packed.add(chunk * CHUNK / 2 + half * BLOCK) as *const __m256i);
+                    let wl = _mm256_and_si256(bytes, low);
+                    let wh = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+                    let ml =
+                        _mm256_shuffle_epi8(window, _mm256_loadu_si256(SPREAD[k + half].as_ptr() as *const __m256i));
+                    let mh = _mm256_shuffle_epi8(
+                        window,
+                        _mm256_loadu_si256(SPREAD[k + half + 2].as_ptr() as *const __m256i),
+                    );
+                    for (a, x) in acc.iter_mut().zip(xs) {
+                        let xl = _mm256_loadu_si256(x.q.as_ptr().add((b + half) * BLOCK) as *const __m256i);
+                        let xh = _mm256_loadu_si256(x.q.as_ptr().add((b + half + 2) * BLOCK) as *const __m256i);
+                        let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(wl, xl), ml);
+                        let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(wh, xh), mh);
+                        *a = _mm256_add_epi32(*a, _mm256_add_epi32(pl, ph));
+                    }
+                }
+            }
+            for ((a, x), y) in acc.iter().zip(xs).zip(ys.iter_mut()) {
+                y[i] = hsum(*a) as f32 * (w.scales[r] * x.scale);
+            }
+        }
+    }
+
     /// `vpermd` indices that put the m of blocks (k, k + 1) of a 16-block window in lanes
     /// 0-7 and 8-15, for k = 0, 2, .., 14.
     static PAIRS: [[i32; 16]; 8] = {
@@ -365,6 +500,42 @@ mod tests {
                 let mut part = vec![0f32; rows - first];
                 gemv_rows_with(kernel, &w, first, &x, &mut part);
                 assert_eq!(part, slow[first..], "{} kernel, rows {first}..{rows}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn batched_products_give_each_vectors_scalar_results_bit_for_bit() {
+        // Vector counts below, at and past a pass of four; widths with a short last window of
+        // multipliers (384, 640); row ranges that start mid-matrix.
+        for (rows, cols) in [(1, 128), (5, 384), (8, 512), (7, 640)] {
+            let w = Q4Matrix::quantize(rows, cols, &pseudo_random(rows * cols, cols as u64 + 3)).unwrap();
+            let xs: Vec<QuantVector> = (0..9)
+                .map(|i| {
+                    let mut x = QuantVector::default();
+                    x.set(&pseudo_random(cols, 100 + i));
+                    x
+                })
+                .collect();
+            for n in 1..=xs.len() {
+                let refs: Vec<&QuantVector> = xs[..n].iter().collect();
+                for first in [0, rows / 2] {
+                    let mut expected = vec![vec![0f32; rows - first]; n];
+                    for (x, y) in refs.iter().zip(expected.iter_mut()) {
+                        gemv_rows_with(Kernel::Scalar, &w, first, x, y);
+                    }
+                    for kernel in supported_kernels() {
+                        let mut got = vec![vec![0f32; rows - first]; n];
+                        let mut ys: Vec<&mut [f32]> = got.iter_mut().map(|y| y.as_mut_slice()).collect();
+                        gemv_rows_batch_with(kernel, &w, first, &refs, &mut ys);
+                        assert_eq!(
+                            got,
+                            expected,
+                            "{} kernel, {n} vectors, rows {first}..{rows}, cols {cols}",
+                            kernel.name()
+                        );
+                    }
+                }
             }
         }
     }
