@@ -104,8 +104,8 @@ impl OnnxT5 {
                 _ => None,
             };
         let drafts = DraftBudget::new(settings.draft_tokens, settings.native_weights);
-        // Continuous batching on int8 weights only: the 4-bit kernels have no batched form, and
-        // batching q4 steps tile by tile measured no gain and a worse tail (docs/performance.md).
+        // Continuous batching on int8 weights only: batching 4-bit steps measured no gain and a
+        // worse tail, tile by tile and with AVX2's batched 4-bit kernel (docs/performance.md).
         let batch = native
             .as_ref()
             .filter(|native| native.weight_format() == WeightFormat::Int8)
