@@ -164,8 +164,8 @@ pub struct Config {
     /// or sampling one sequence) feeds up to this many tokens guessed from the query and its own
     /// answer after its next token, and keeps those the model would have chosen anyway: answers
     /// are the same as without drafts, in fewer steps. Only while the step has rows to spare
-    /// (up to 4 with AVX-512 VNNI, 2 with AVX2, none otherwise), so a full batch is unaffected.
-    /// 0 turns drafting off.
+    /// (up to 4 with AVX-512 VNNI, 2 with AVX2, none otherwise; on 4-bit weights 2 with AVX2,
+    /// none otherwise), so a full batch is unaffected. 0 turns drafting off.
     #[arg(long, env = "QSERVER_DRAFT_TOKENS", default_value_t = 3)]
     pub draft_tokens: usize,
 
