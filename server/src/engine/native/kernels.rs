@@ -262,17 +262,24 @@ impl RowProduct for QuantMatrix {
     }
 }
 
+/// Asserts a batched product's arguments against a (rows, cols) matrix, as the kernels rely on:
+/// one output per vector, every output of one length, rows `first..` of that length in range.
+pub(super) fn check_batch(shape: (usize, usize), first: usize, xs: &[&QuantVector], ys: &[&mut [f32]]) {
+    let (rows, cols) = shape;
+    assert_eq!(xs.len(), ys.len(), "one output per input vector");
+    let len = ys.first().map_or(0, |y| y.len());
+    assert!(first + len <= rows, "rows out of range");
+    for (x, y) in xs.iter().zip(ys) {
+        assert_eq!(x.q.len(), cols, "vector length does not match the matrix");
+        assert_eq!(y.len(), len, "outputs of different lengths");
+    }
+}
+
 /// [`RowProduct::product_rows_batch`] of an int8 matrix with a given kernel (the tests run
 /// each one). VNNI and AVX2 have kernels of their own that load each weight block once for
 /// several vectors; the others run their one-vector kernel tile by tile.
 pub fn gemv_rows_batch_with(kernel: Kernel, w: &QuantMatrix, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
-    assert_eq!(xs.len(), ys.len(), "one output per input vector");
-    let rows = ys.first().map_or(0, |y| y.len());
-    assert!(first + rows <= w.rows, "rows out of range");
-    for (x, y) in xs.iter().zip(ys.iter()) {
-        assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
-        assert_eq!(y.len(), rows, "outputs of different lengths");
-    }
+    check_batch((w.rows, w.cols), first, xs, ys);
     #[cfg(target_arch = "x86_64")]
     if matches!(kernel, Kernel::Avx512Vnni | Kernel::Avx2) {
         assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());

@@ -139,13 +139,7 @@ pub fn gemv_rows_with(kernel: Kernel, w: &Q4Matrix, first: usize, x: &QuantVecto
 /// (this path's cost is compute, not memory: 4-bit rows come from cache at the speed the
 /// products run); the others run their one-vector kernel tile by tile.
 pub fn gemv_rows_batch_with(kernel: Kernel, w: &Q4Matrix, first: usize, xs: &[&QuantVector], ys: &mut [&mut [f32]]) {
-    assert_eq!(xs.len(), ys.len(), "one output per input vector");
-    let rows = ys.first().map_or(0, |y| y.len());
-    assert!(first + rows <= w.rows, "rows out of range");
-    for (x, y) in xs.iter().zip(ys.iter()) {
-        assert_eq!(x.q.len(), w.cols, "vector length does not match the matrix");
-        assert_eq!(y.len(), rows, "outputs of different lengths");
-    }
+    super::kernels::check_batch((w.rows, w.cols), first, xs, ys);
     assert!(kernel.supported(), "the {} kernel does not run on this CPU", kernel.name());
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2 {
