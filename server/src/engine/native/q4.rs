@@ -208,6 +208,29 @@ mod x86 {
         out
     };
 
+    /// The m of blocks `b..b + 8` of a row (`b..b + 4` unless `whole`: rows end on a multiple
+    /// of 4 blocks), one per byte.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn window_m(ms: *const u8, b: usize, whole: bool) -> __m128i {
+        if whole {
+            _mm_loadl_epi64(ms.add(b) as *const __m128i)
+        } else {
+            _mm_cvtsi32_si128(std::ptr::read_unaligned(ms.add(b) as *const i32))
+        }
+    }
+
+    /// The offsets of blocks `b..b + 8` (`b..b + 4` and zeros unless `whole`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn window_offsets(offsets: &[i32], b: usize, whole: bool) -> __m256i {
+        if whole {
+            _mm256_loadu_si256(offsets.as_ptr().add(b) as *const __m256i)
+        } else {
+            _mm256_zextsi128_si256(_mm_loadu_si128(offsets.as_ptr().add(b) as *const __m128i))
+        }
+    }
+
     /// Four rows at a time (one load of x's blocks for all four), then one at a time. 32 bytes
     /// of a chunk hold two blocks: b (low nibbles) and b + 2 (high nibbles); each block's
     /// `u * x` pair sums (at most 2 * 15 * 127) are weighed by its m in `vpmaddwd`. The m of 8
@@ -244,17 +267,9 @@ mod x86 {
                 // The m of the next 8 blocks (4 at the row's end: nb is a multiple of 4), as
                 // 16-bit lanes in both halves, and sum m * offset taken off each row's sum.
                 let whole = nb - b >= 8;
-                let offs = if whole {
-                    _mm256_loadu_si256(offsets.as_ptr().add(b) as *const __m256i)
-                } else {
-                    _mm256_zextsi128_si256(_mm_loadu_si128(offsets.as_ptr().add(b) as *const __m128i))
-                };
+                let offs = window_offsets(offsets, b, whole);
                 for i in 0..R {
-                    let m8 = if whole {
-                        _mm_loadl_epi64(ms[i].add(b) as *const __m128i)
-                    } else {
-                        _mm_cvtsi32_si128(std::ptr::read_unaligned(ms[i].add(b) as *const i32))
-                    };
+                    let m8 = window_m(ms[i], b, whole);
                     window[i] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(m8));
                     acc[i] = _mm256_sub_epi32(acc[i], _mm256_mullo_epi32(_mm256_cvtepu8_epi32(m8), offs));
                 }
@@ -336,20 +351,11 @@ mod x86 {
                 let b = 4 * chunk;
                 if b.is_multiple_of(8) {
                     let whole = nb - b >= 8;
-                    let m8 = if whole {
-                        _mm_loadl_epi64(ms.add(b) as *const __m128i)
-                    } else {
-                        _mm_cvtsi32_si128(std::ptr::read_unaligned(ms.add(b) as *const i32))
-                    };
+                    let m8 = window_m(ms, b, whole);
                     window = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(m8));
                     let m32 = _mm256_cvtepu8_epi32(m8);
                     for (a, o) in acc.iter_mut().zip(offsets) {
-                        let offs = if whole {
-                            _mm256_loadu_si256(o.as_ptr().add(b) as *const __m256i)
-                        } else {
-                            _mm256_zextsi128_si256(_mm_loadu_si128(o.as_ptr().add(b) as *const __m128i))
-                        };
-                        *a = _mm256_sub_epi32(*a, _mm256_mullo_epi32(m32, offs));
+                        *a = _mm256_sub_epi32(*a, _mm256_mullo_epi32(m32, window_offsets(o, b, whole)));
                     }
                 }
                 let k = b % 8;
