@@ -71,6 +71,7 @@ pub async fn serve(
         decoder_threads_spin = spin_waits,
         max_batch_requests = max_batch,
         draft_tokens = config.draft_tokens,
+        exact_int8_products = !config.saturating_int8,
         "loading model"
     );
     match model.grounding.as_ref().and_then(|rules| rules.vocabulary.as_ref()) {
@@ -124,6 +125,7 @@ pub async fn serve(
             native_weights: config.native_weights,
             spin_waits,
             draft_tokens: config.draft_tokens,
+            saturating_int8: config.saturating_int8,
             ..SessionSettings::new(config.intra_op_threads.get())
         };
         let warmup = warmup_request(&config);

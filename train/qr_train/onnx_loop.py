@@ -7,6 +7,7 @@ guards are greedy.py's, shared with the llama.cpp runner (gguf_loop.py).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +15,43 @@ import onnxruntime as ort
 
 from .greedy import DEFAULT_MAX_NEW_TOKENS, GreedyT5
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "OnnxT5"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "EXACT_INT8_PRODUCTS", "OnnxT5", "open_session"]
+
+# ONNX Runtime's switch for exact int8 products on x86 CPUs without VNNI, where its uint8 x int8
+# kernels saturate pairs of products into 16 bits: the server sets it too
+# (server/src/engine/onnx_session.rs), so both give the same answers on every CPU.
+EXACT_INT8_PRODUCTS = ("session.x64quantprecision", "1")
+
+
+def open_session(path: Path | str, threads: int = 1) -> ort.InferenceSession:
+    """One ONNX Runtime session with exact int8 products, or, with a warning, without them for
+    a file ONNX Runtime 1.31 cannot convert (an int8 weight read by two products)."""
+    def options(exact: bool) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if exact:
+            opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
+        if threads > 1:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    try:
+        return ort.InferenceSession(str(path), options(True), providers=["CPUExecutionProvider"])
+    except Exception as exact_error:  # noqa: BLE001 (ONNX Runtime raises its own exception types)
+        session = ort.InferenceSession(str(path), options(False), providers=["CPUExecutionProvider"])
+        warnings.warn(f"{path}: ONNX Runtime cannot give this file exact int8 products ({exact_error}); "
+                      "on CPUs without VNNI its answers may differ from other CPUs'", stacklevel=2)
+        return session
 
 
 class OnnxT5(GreedyT5):
     def __init__(self, model_dir: Path | str, threads: int = 1):
         model_dir = Path(model_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 1:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-        def session(name: str) -> ort.InferenceSession:
-            return ort.InferenceSession(str(model_dir / name), opts, providers=["CPUExecutionProvider"])
-
-        self.encoder = session("encoder_model.onnx")
-        self.decoder = session("decoder_model.onnx")
-        self.decoder_past = session("decoder_with_past_model.onnx")
+        self.encoder = open_session(model_dir / "encoder_model.onnx", threads)
+        self.decoder = open_session(model_dir / "decoder_model.onnx", threads)
+        self.decoder_past = open_session(model_dir / "decoder_with_past_model.onnx", threads)
         config = json.loads((model_dir / "config.json").read_text())
         self._load_text_side(model_dir, config.get("decoder_start_token_id", 0), config.get("eos_token_id", 1))
         self.first_outputs = [o.name for o in self.decoder.get_outputs()]

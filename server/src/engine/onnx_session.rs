@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use ort::{
     environment::Environment,
-    session::{builder::GraphOptimizationLevel, Session},
+    session::{
+        builder::{GraphOptimizationLevel, SessionBuilder},
+        Session,
+    },
 };
 
 use super::{
@@ -38,6 +41,9 @@ pub struct SessionSettings {
     /// Draft tokens the native decoder checks per step after a one-row request's next token
     /// (`--draft-tokens`; 0: none).
     pub draft_tokens: usize,
+    /// ONNX Runtime's int8 products saturate on CPUs without VNNI, as is its default
+    /// (`--saturating-int8`; off: [`EXACT_INT8_PRODUCTS`]).
+    pub saturating_int8: bool,
     /// Extra ONNX Runtime session config entries (`key`, `value`), applied after ours; for
     /// experiments (see docs/performance.md and `examples/profile.rs`).
     pub config_entries: Vec<(String, String)>,
@@ -59,7 +65,41 @@ pub(super) fn load_error(file: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Load { file: file.to_path_buf(), reason: e.to_string() }
 }
 
-pub(super) fn open_session(env: &Environment, path: &Path, settings: &SessionSettings) -> Result<Session, ModelError> {
+/// ONNX Runtime's switch for exact int8 products on x86 CPUs without VNNI. There its uint8 x
+/// int8 kernels add each pair of products into 16 bits with saturation (`vpmaddubsw`), so the
+/// same model answered differently on AVX2 and VNNI machines: 83 of the corpus test split's
+/// 1335 answers changed on a Zen 3 when it was turned on (docs/performance.md, session 15).
+/// With it, ONNX Runtime multiplies such weights as uint8 x uint8, exactly, on every CPU; VNNI
+/// machines are unaffected. It costs the Zen 3's encoder about 13-15%.
+pub(super) const EXACT_INT8_PRODUCTS: (&str, &str) = ("session.x64quantprecision", "1");
+
+/// Opens `path` with exact int8 products ([`EXACT_INT8_PRODUCTS`]) unless `saturating_int8`,
+/// or without them, with a warning, for a file ONNX Runtime cannot convert: 1.31 refuses an
+/// int8 weight read by two products ("Attempt to replace the existing tensor";
+/// tests/data/shared_int8_weights.onnx).
+pub fn open_session(env: &Environment, path: &Path, settings: &SessionSettings) -> Result<Session, ModelError> {
+    if settings.saturating_int8 {
+        return builder(env, path, settings, false)?.commit_from_file(path).map_err(|e| load_error(path, e));
+    }
+    let exact_error = match builder(env, path, settings, true)?.commit_from_file(path) {
+        Ok(session) => return Ok(session),
+        Err(e) => e,
+    };
+    let session = builder(env, path, settings, false)?.commit_from_file(path).map_err(|e| load_error(path, e))?;
+    tracing::warn!(
+        file = %path.display(),
+        reason = %exact_error,
+        "ONNX Runtime cannot give this file exact int8 products: on CPUs without VNNI its answers may differ from other CPUs'"
+    );
+    Ok(session)
+}
+
+fn builder(
+    env: &Environment,
+    path: &Path,
+    settings: &SessionSettings,
+    exact: bool,
+) -> Result<SessionBuilder, ModelError> {
     let threads = settings.intra_op_threads.max(1);
     let mut builder = Session::builder(env)
         .map_err(|e| load_error(path, e))?
@@ -67,6 +107,10 @@ pub(super) fn open_session(env: &Environment, path: &Path, settings: &SessionSet
         .map_err(|e| load_error(path, e))?
         .with_intra_threads(threads)
         .map_err(|e| load_error(path, e))?;
+    if exact {
+        let (key, value) = EXACT_INT8_PRODUCTS;
+        builder = builder.with_config_entry(key, value).map_err(|e| load_error(path, e))?;
+    }
     if threads > 1 {
         // Spinning intra-op threads steal the CPU from the other workers (see STACK.md).
         builder = builder.with_intra_op_spinning(false).map_err(|e| load_error(path, e))?;
@@ -88,7 +132,7 @@ pub(super) fn open_session(env: &Environment, path: &Path, settings: &SessionSet
         file.push(stem);
         builder = builder.with_profiling(PathBuf::from(file)).map_err(|e| load_error(path, e))?;
     }
-    builder.commit_from_file(path).map_err(|e| load_error(path, e))
+    Ok(builder)
 }
 
 pub(super) fn names(outlets: &[ort::value::Outlet]) -> Vec<String> {
