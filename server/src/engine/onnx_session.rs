@@ -78,14 +78,15 @@ pub(super) const EXACT_INT8_PRODUCTS: (&str, &str) = ("session.x64quantprecision
 /// int8 weight read by two products ("Attempt to replace the existing tensor";
 /// tests/data/shared_int8_weights.onnx).
 pub fn open_session(env: &Environment, path: &Path, settings: &SessionSettings) -> Result<Session, ModelError> {
+    let open = |exact| builder(env, path, settings, exact)?.commit_from_file(path).map_err(|e| load_error(path, e));
     if settings.saturating_int8 {
-        return builder(env, path, settings, false)?.commit_from_file(path).map_err(|e| load_error(path, e));
+        return open(false);
     }
-    let exact_error = match builder(env, path, settings, true)?.commit_from_file(path) {
+    let exact_error = match open(true) {
         Ok(session) => return Ok(session),
         Err(e) => e,
     };
-    let session = builder(env, path, settings, false)?.commit_from_file(path).map_err(|e| load_error(path, e))?;
+    let session = open(false)?;
     tracing::warn!(
         file = %path.display(),
         reason = %exact_error,
